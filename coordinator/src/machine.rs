@@ -1,0 +1,520 @@
+//! The coordinator's control plane as a pure state machine: [`Coordinator::step`] takes the
+//! current time and one event, changes state, and returns a reply for the caller plus commands
+//! for the shell to carry out (send an assignment, commit a manifest, persist a job...).
+//! No tokio, no clock, no files: the gRPC service and the tests feed it the same way.
+
+use crate::job::{CheckpointAgg, Job, JobState, Progress, RankResult, StepAgg};
+use std::collections::BTreeMap;
+use swarm_sharding::plan::split_batch;
+use swarm_sharding::{
+    Assignment, DeviceInfo, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step,
+    WorkerId,
+};
+
+/// Timing of membership.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// A worker not heard from for this long is lost.
+    pub lease_ms: u64,
+    /// How often workers should send heartbeats.
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { lease_ms: 6_000, heartbeat_interval_ms: 1_000 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerEntry {
+    pub id: WorkerId,
+    pub name: String,
+    pub devices: Vec<DeviceInfo>,
+    pub data_addr: String,
+    pub last_seen_ms: u64,
+    /// Its assignment stream is open, so assignments reach it.
+    pub connected: bool,
+    pub job: Option<JobId>,
+}
+
+/// A step report from one rank.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub job: JobId,
+    pub worker: WorkerId,
+    pub rank: Rank,
+    pub step: Step,
+    pub loss: f64,
+    pub tokens: u64,
+}
+
+/// One rank's checkpoint, written and checksummed.
+#[derive(Clone, Debug)]
+pub struct CheckpointReport {
+    pub job: JobId,
+    pub worker: WorkerId,
+    pub rank: Rank,
+    pub step: Step,
+    pub dir: String,
+    pub files: Vec<ShardFile>,
+    pub rng_state: String,
+    pub data_cursor: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Register { name: String, devices: Vec<DeviceInfo>, data_addr: String },
+    Heartbeat(WorkerId),
+    /// The worker's assignment stream opened.
+    Connected(WorkerId),
+    /// The worker's assignment stream closed (process gone, or network cut).
+    Disconnected(WorkerId),
+    /// Periodic: expire leases, start waiting jobs.
+    Tick,
+    Submit { recipe: Box<Recipe>, nodes: usize, resume: Option<ResumePoint> },
+    StepDone(StepReport),
+    CheckpointWritten(CheckpointReport),
+    /// The shell wrote the manifest (temporary name, then rename).
+    CheckpointCommitted { job: JobId, step: Step, dir: String },
+    CheckpointCommitFailed { job: JobId, step: Step, error: String },
+    JobResult { job: JobId, worker: WorkerId, rank: Rank, ok: bool, error: String, last_step: Step },
+    Cancel { job: JobId, reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Registered { worker: WorkerId, lease_ms: u64, heartbeat_interval_ms: u64 },
+    Heartbeat { known: bool },
+    Submitted(JobId),
+    /// A report was taken; `cancel` tells the rank to stop.
+    Ack { cancel: Option<String> },
+    Done,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Assign { worker: WorkerId, assignment: Box<Assignment> },
+    Cancel { worker: WorkerId, job: JobId, reason: String },
+    /// Write `manifest` as `<dir>/manifest.json` atomically, then feed back
+    /// `CheckpointCommitted` or `CheckpointCommitFailed`.
+    CommitCheckpoint { dir: String, manifest: Box<Manifest> },
+    /// Delete these committed checkpoint directories (older than the ones kept).
+    PruneCheckpoints { job: JobId, dirs: Vec<String> },
+    /// Persist this job's record.
+    SaveJob(JobId),
+    /// Tell the job's watchers it changed.
+    JobChanged(JobId),
+}
+
+/// A request the state machine refuses; mapped to a gRPC status in one place.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown worker {0}: register again")]
+    UnknownWorker(WorkerId),
+    #[error("unknown job {0}")]
+    UnknownJob(JobId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{worker} is not {rank} of {job}")]
+    NotInJob { job: JobId, worker: WorkerId, rank: Rank },
+}
+
+pub struct Outcome {
+    pub reply: Reply,
+    pub commands: Vec<Command>,
+}
+
+#[derive(Default)]
+pub struct Coordinator {
+    config: Config,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    jobs: BTreeMap<JobId, Job>,
+    next_worker: u64,
+    next_job: u64,
+}
+
+impl Coordinator {
+    pub fn new(config: Config) -> Self {
+        Coordinator { config, ..Default::default() }
+    }
+
+    /// Starts from the jobs a store kept. Jobs that were waiting or running are interrupted:
+    /// their workers are gone with the old process; they resume from a committed checkpoint.
+    pub fn recover(config: Config, jobs: Vec<Job>) -> (Self, Vec<Command>) {
+        let mut c = Coordinator::new(config);
+        let mut cmds = Vec::new();
+        for mut job in jobs {
+            c.next_job = c.next_job.max(job.id.0);
+            if !job.state.is_final() {
+                job.state = JobState::Interrupted;
+                job.error = Some(format!(
+                    "the coordinator restarted while {} was {}; continue it with `swarm train --resume`",
+                    job.id,
+                    if job.workers.is_empty() { "waiting" } else { "running" }
+                ));
+                cmds.push(Command::SaveJob(job.id));
+            }
+            c.jobs.insert(job.id, job);
+        }
+        (c, cmds)
+    }
+
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn jobs(&self) -> impl DoubleEndedIterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerEntry> {
+        self.workers.values()
+    }
+
+    /// Handles one event at time `now_ms` (milliseconds since the Unix epoch).
+    pub fn step(&mut self, now_ms: u64, event: Event) -> Result<Outcome, Rejection> {
+        let mut cmds = Vec::new();
+        let reply = match event {
+            Event::Register { name, devices, data_addr } => {
+                self.next_worker += 1;
+                let id = WorkerId(self.next_worker);
+                self.workers.insert(
+                    id,
+                    WorkerEntry { id, name, devices, data_addr, last_seen_ms: now_ms, connected: false, job: None },
+                );
+                Reply::Registered {
+                    worker: id,
+                    lease_ms: self.config.lease_ms,
+                    heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+                }
+            }
+            Event::Heartbeat(w) => match self.workers.get_mut(&w) {
+                Some(e) => {
+                    e.last_seen_ms = now_ms;
+                    Reply::Heartbeat { known: true }
+                }
+                None => Reply::Heartbeat { known: false },
+            },
+            Event::Connected(w) => {
+                let e = self.workers.get_mut(&w).ok_or(Rejection::UnknownWorker(w))?;
+                e.connected = true;
+                e.last_seen_ms = now_ms;
+                self.start_waiting_jobs(&mut cmds);
+                Reply::Done
+            }
+            Event::Disconnected(w) => {
+                if self.workers.contains_key(&w) {
+                    self.lose_worker(w, "its connection to the coordinator closed (process killed or network cut)", &mut cmds);
+                }
+                Reply::Done
+            }
+            Event::Tick => {
+                let expired: Vec<WorkerId> = self
+                    .workers
+                    .values()
+                    .filter(|e| now_ms.saturating_sub(e.last_seen_ms) > self.config.lease_ms)
+                    .map(|e| e.id)
+                    .collect();
+                for w in expired {
+                    let why = format!("no heartbeat for over {} ms", self.config.lease_ms);
+                    self.lose_worker(w, &why, &mut cmds);
+                }
+                self.start_waiting_jobs(&mut cmds);
+                Reply::Done
+            }
+            Event::Submit { recipe, nodes, resume } => {
+                let id = self.submit(now_ms, *recipe, nodes, resume)?;
+                cmds.push(Command::SaveJob(id));
+                cmds.push(Command::JobChanged(id));
+                self.start_waiting_jobs(&mut cmds);
+                Reply::Submitted(id)
+            }
+            Event::StepDone(r) => self.step_done(now_ms, r, &mut cmds)?,
+            Event::CheckpointWritten(r) => self.checkpoint_written(now_ms, r, &mut cmds)?,
+            Event::CheckpointCommitted { job, step, dir } => {
+                let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+                j.progress.commit_in_flight.remove(&step);
+                j.committed.push(ResumePoint { dir, step });
+                let keep = j.recipe.checkpoint.keep;
+                if keep > 0 && j.committed.len() > keep {
+                    let old: Vec<String> = j.committed.drain(..j.committed.len() - keep).map(|p| p.dir).collect();
+                    cmds.push(Command::PruneCheckpoints { job, dirs: old });
+                }
+                cmds.push(Command::SaveJob(job));
+                cmds.push(Command::JobChanged(job));
+                self.maybe_finish(job, &mut cmds);
+                Reply::Done
+            }
+            Event::CheckpointCommitFailed { job, step, error } => {
+                let reason = format!("committing the checkpoint of {step} failed: {error}");
+                self.fail_job(job, reason, &mut cmds);
+                Reply::Done
+            }
+            Event::JobResult { job, worker, rank, ok, error, last_step } => {
+                let j = self.job_of(job, worker, rank)?;
+                j.progress.results.insert(rank, RankResult { ok, error: error.clone(), last_step });
+                if let Some(e) = self.workers.get_mut(&worker)
+                    && e.job == Some(job)
+                {
+                    e.job = None;
+                }
+                if !ok {
+                    let name = self.workers.get(&worker).map(|e| e.name.clone()).unwrap_or_default();
+                    self.fail_job(job, format!("{worker} ({name}, {rank}) failed: {error}"), &mut cmds);
+                } else {
+                    self.maybe_finish(job, &mut cmds);
+                }
+                self.start_waiting_jobs(&mut cmds);
+                Reply::Done
+            }
+            Event::Cancel { job, reason } => {
+                let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+                if !j.state.is_final() {
+                    self.end_job(job, JobState::Cancelled, reason, &mut cmds);
+                }
+                Reply::Done
+            }
+        };
+        Ok(Outcome { reply, commands: cmds })
+    }
+
+    fn submit(&mut self, now_ms: u64, recipe: Recipe, nodes: usize, resume: Option<ResumePoint>) -> Result<JobId, Rejection> {
+        recipe.validate().map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
+        if recipe.spec().is_none() {
+            return Err(Rejection::Invalid("recipe: model.spec is not resolved; submit through `swarm train`".into()));
+        }
+        if nodes > swarm_proto_limits::MAX_WORLD_SIZE {
+            return Err(Rejection::Invalid(format!(
+                "--nodes {nodes} is more than the {} workers one job may use",
+                swarm_proto_limits::MAX_WORLD_SIZE
+            )));
+        }
+        split_batch(nodes, recipe.train.global_batch).map_err(|e| Rejection::Invalid(e.to_string()))?;
+        let start_step = resume.as_ref().map_or(Step(0), |p| p.step);
+        if start_step.0 >= recipe.train.steps {
+            return Err(Rejection::Invalid(format!(
+                "the checkpoint to resume from is at {start_step}, which already reaches train.steps = {}; raise train.steps to train further",
+                recipe.train.steps
+            )));
+        }
+        self.next_job += 1;
+        let id = JobId(self.next_job);
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                recipe,
+                nodes,
+                state: JobState::Waiting,
+                error: None,
+                workers: Vec::new(),
+                attempt: 0,
+                resume,
+                start_step,
+                step: start_step,
+                loss: None,
+                first_loss: None,
+                tokens_per_s: 0.0,
+                committed: Vec::new(),
+                submitted_unix_ms: now_ms,
+                progress: Progress::default(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Starts every waiting job (oldest first) for which enough idle, connected workers exist.
+    fn start_waiting_jobs(&mut self, cmds: &mut Vec<Command>) {
+        let waiting: Vec<JobId> = self.jobs.values().filter(|j| j.state == JobState::Waiting).map(|j| j.id).collect();
+        for id in waiting {
+            let idle: Vec<WorkerId> =
+                self.workers.values().filter(|e| e.connected && e.job.is_none()).map(|e| e.id).collect();
+            let job = &self.jobs[&id];
+            if idle.len() < job.nodes {
+                continue;
+            }
+            let chosen = idle[..job.nodes].to_vec();
+            let shares = match split_batch(job.nodes, job.recipe.train.global_batch) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail_job(id, e.to_string(), cmds);
+                    continue;
+                }
+            };
+            let peers: Vec<Peer> = chosen
+                .iter()
+                .enumerate()
+                .map(|(r, w)| Peer { rank: Rank(r as u32), worker: *w, data_addr: self.workers[w].data_addr.clone() })
+                .collect();
+            let job = self.jobs.get_mut(&id).expect("listed above");
+            job.state = JobState::Running;
+            job.attempt += 1;
+            job.workers = chosen.clone();
+            job.progress = Progress::default();
+            for (r, w) in chosen.iter().enumerate() {
+                self.workers.get_mut(w).expect("idle worker").job = Some(id);
+                cmds.push(Command::Assign {
+                    worker: *w,
+                    assignment: Box::new(Assignment {
+                        job: id,
+                        rank: Rank(r as u32),
+                        world_size: chosen.len() as u32,
+                        peers: peers.clone(),
+                        recipe: job.recipe.clone(),
+                        resume: job.resume.clone(),
+                        share: shares[r],
+                        attempt: job.attempt,
+                    }),
+                });
+            }
+            cmds.push(Command::SaveJob(id));
+            cmds.push(Command::JobChanged(id));
+        }
+    }
+
+    fn job_of(&mut self, job: JobId, worker: WorkerId, rank: Rank) -> Result<&mut Job, Rejection> {
+        let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+        if j.workers.get(rank.0 as usize) != Some(&worker) {
+            return Err(Rejection::NotInJob { job, worker, rank });
+        }
+        Ok(j)
+    }
+
+    fn step_done(&mut self, now_ms: u64, r: StepReport, cmds: &mut Vec<Command>) -> Result<Reply, Rejection> {
+        if let Some(e) = self.workers.get_mut(&r.worker) {
+            e.last_seen_ms = now_ms;
+        }
+        let j = self.job_of(r.job, r.worker, r.rank)?;
+        if j.state != JobState::Running {
+            return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
+        }
+        if !r.loss.is_finite() {
+            let reason = format!("{} reported a non-finite loss ({}) at {}; lower train.lr or check the data", r.rank, r.loss, r.step);
+            let id = j.id;
+            self.fail_job(id, reason.clone(), cmds);
+            return Ok(Reply::Ack { cancel: Some(reason) });
+        }
+        let world = j.workers.len();
+        let agg = j.progress.steps.entry(r.step).or_insert_with(StepAgg::default);
+        agg.ranks.insert(r.rank);
+        agg.loss_x_tokens += r.loss * r.tokens as f64;
+        agg.tokens += r.tokens;
+        if agg.ranks.len() == world {
+            let agg = j.progress.steps.remove(&r.step).expect("present");
+            let loss = agg.loss_x_tokens / agg.tokens.max(1) as f64;
+            if r.step > j.step {
+                j.step = r.step;
+            }
+            j.loss = Some(loss);
+            j.first_loss.get_or_insert(loss);
+            if let Some(prev) = j.progress.last_step_done_ms {
+                let dt = (now_ms.saturating_sub(prev)).max(1) as f64 / 1000.0;
+                let rate = agg.tokens as f64 / dt;
+                j.tokens_per_s = if j.tokens_per_s > 0.0 { 0.7 * j.tokens_per_s + 0.3 * rate } else { rate };
+            }
+            j.progress.last_step_done_ms = Some(now_ms);
+            cmds.push(Command::JobChanged(j.id));
+        }
+        Ok(Reply::Ack { cancel: None })
+    }
+
+    fn checkpoint_written(&mut self, now_ms: u64, r: CheckpointReport, cmds: &mut Vec<Command>) -> Result<Reply, Rejection> {
+        let j = self.job_of(r.job, r.worker, r.rank)?;
+        if j.state != JobState::Running {
+            return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
+        }
+        let world = j.workers.len();
+        let agg = j.progress.checkpoints.entry(r.step).or_insert_with(|| CheckpointAgg {
+            dir: r.dir.clone(),
+            data_cursor: r.data_cursor,
+            ranks: BTreeMap::new(),
+        });
+        if agg.dir != r.dir || agg.data_cursor != r.data_cursor {
+            let reason = format!(
+                "{} wrote its checkpoint of {} to {} at data cursor {}, but rank0 used {} at {}",
+                r.rank, r.step, r.dir, r.data_cursor, agg.dir, agg.data_cursor
+            );
+            let id = j.id;
+            self.fail_job(id, reason.clone(), cmds);
+            return Ok(Reply::Ack { cancel: Some(reason) });
+        }
+        agg.ranks.insert(r.rank, RankCheckpoint { rank: r.rank, worker: r.worker, files: r.files, rng_state: r.rng_state });
+        if agg.ranks.len() == world {
+            let agg = j.progress.checkpoints.remove(&r.step).expect("present");
+            j.progress.commit_in_flight.insert(r.step);
+            let manifest = Manifest {
+                format: Manifest::FORMAT,
+                job: j.id,
+                name: j.recipe.name.clone(),
+                step: r.step,
+                world_size: world as u32,
+                data_cursor: agg.data_cursor,
+                loss: j.loss,
+                recipe: j.recipe.clone(),
+                ranks: agg.ranks.into_values().collect(),
+                committed_unix_ms: now_ms,
+            };
+            cmds.push(Command::CommitCheckpoint { dir: agg.dir, manifest: Box::new(manifest) });
+        }
+        Ok(Reply::Ack { cancel: None })
+    }
+
+    /// A job succeeds once every rank reported success and its last step's checkpoint is committed.
+    fn maybe_finish(&mut self, job: JobId, cmds: &mut Vec<Command>) {
+        let Some(j) = self.jobs.get(&job) else { return };
+        if j.state != JobState::Running || j.progress.results.len() < j.workers.len() {
+            return;
+        }
+        let final_committed = j.committed.last().is_some_and(|p| p.step == j.total_steps());
+        if j.progress.results.values().all(|r| r.ok) && final_committed {
+            self.end_job(job, JobState::Succeeded, String::new(), cmds);
+        }
+    }
+
+    fn lose_worker(&mut self, w: WorkerId, why: &str, cmds: &mut Vec<Command>) {
+        let Some(entry) = self.workers.remove(&w) else { return };
+        if let Some(job) = entry.job
+            && let Some(j) = self.jobs.get(&job)
+            && j.state == JobState::Running
+        {
+            let rank = j.rank_of(w).map(|r| r.to_string()).unwrap_or_else(|| "?".into());
+            let reason = format!("worker {w} ({}, {rank}) was lost: {why}", entry.name);
+            self.fail_job(job, reason, cmds);
+        }
+    }
+
+    fn fail_job(&mut self, job: JobId, reason: String, cmds: &mut Vec<Command>) {
+        if self.jobs.get(&job).is_some_and(|j| !j.state.is_final()) {
+            self.end_job(job, JobState::Failed, reason, cmds);
+        }
+    }
+
+    fn end_job(&mut self, job: JobId, state: JobState, reason: String, cmds: &mut Vec<Command>) {
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        j.state = state;
+        j.error = (!reason.is_empty()).then(|| reason.clone());
+        for w in j.workers.clone() {
+            if let Some(e) = self.workers.get_mut(&w)
+                && e.job == Some(job)
+            {
+                e.job = None;
+                if state != JobState::Succeeded {
+                    cmds.push(Command::Cancel { worker: w, job, reason: reason.clone() });
+                }
+            }
+        }
+        cmds.push(Command::SaveJob(job));
+        cmds.push(Command::JobChanged(job));
+    }
+}
+
+/// Limits from the wire contract that the state machine enforces too (kept here so the machine
+/// does not depend on generated types).
+mod swarm_proto_limits {
+    pub const MAX_WORLD_SIZE: usize = swarm_proto::limits::MAX_WORLD_SIZE;
+}

@@ -1,0 +1,351 @@
+//! The gRPC shell around the state machine: it turns requests into events, carries out the
+//! commands the machine returns (streams, store writes, manifest commits) and feeds the results
+//! back. All state lives in the machine; this layer holds only channels.
+
+use crate::checkpoint;
+use crate::machine::{Command, Config, Coordinator, Event, Reply};
+use crate::store::Store;
+use crate::to_proto::{self, status};
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use swarm_proto::v1 as pb;
+use swarm_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use swarm_sharding::{JobId, Rank, Recipe, Step, WorkerId};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument, warn};
+
+/// Assignments queued for one worker before it is considered unreachable.
+const ASSIGNMENT_QUEUE: usize = 16;
+/// How often leases are checked and waiting jobs retried.
+pub const TICK_MS: u64 = 250;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct WorkerStream {
+    generation: u64,
+    tx: mpsc::Sender<Result<pb::Assignment, Status>>,
+}
+
+struct Shared {
+    machine: Mutex<Coordinator>,
+    store: Store,
+    streams: Mutex<HashMap<WorkerId, WorkerStream>>,
+    watchers: Mutex<HashMap<JobId, watch::Sender<pb::JobStatus>>>,
+    next_generation: Mutex<u64>,
+}
+
+/// The coordinator service. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+impl Service {
+    /// Opens the store under `data_dir`, recovers the jobs it holds and starts the lease ticker.
+    pub fn open(data_dir: &Path, config: Config) -> anyhow::Result<Service> {
+        let store = Store::open(data_dir)?;
+        let jobs = store.load_jobs()?;
+        let n = jobs.len();
+        let (machine, cmds) = Coordinator::recover(config, jobs);
+        let svc = Service {
+            shared: Arc::new(Shared {
+                machine: Mutex::new(machine),
+                store,
+                streams: Mutex::new(HashMap::new()),
+                watchers: Mutex::new(HashMap::new()),
+                next_generation: Mutex::new(0),
+            }),
+        };
+        {
+            let mut m = svc.shared.machine.lock().expect("machine lock");
+            svc.execute(&mut m, cmds);
+        }
+        info!(jobs = n, dir = %data_dir.display(), "coordinator store opened");
+        Ok(svc)
+    }
+
+    /// The tonic server for this service, with the wire contract's message limits.
+    pub fn server(&self) -> CoordinatorServer<Service> {
+        CoordinatorServer::new(self.clone())
+            .max_decoding_message_size(swarm_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(swarm_proto::limits::MAX_MESSAGE_BYTES)
+    }
+
+    /// Feeds `Tick` every [`TICK_MS`] until the returned handle is dropped or aborted.
+    pub fn spawn_ticker(&self) -> tokio::task::JoinHandle<()> {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(TICK_MS));
+            loop {
+                every.tick().await;
+                let _ = svc.apply(Event::Tick);
+            }
+        })
+    }
+
+    /// Runs one event through the machine and carries out the commands, including the events
+    /// those commands feed back.
+    pub fn apply(&self, event: Event) -> Result<Reply, Status> {
+        let mut m = self.shared.machine.lock().expect("machine lock");
+        let out = m.step(now_ms(), event).map_err(status)?;
+        self.execute(&mut m, out.commands);
+        Ok(out.reply)
+    }
+
+    fn execute(&self, m: &mut Coordinator, cmds: Vec<Command>) {
+        let mut queue: VecDeque<Command> = cmds.into();
+        while let Some(cmd) = queue.pop_front() {
+            let follow_up = match cmd {
+                Command::Assign { worker, assignment } => {
+                    info!(job = %assignment.job, %worker, rank = %assignment.rank, "assigning");
+                    self.send(worker, to_proto::assignment_to_proto(&assignment)).err()
+                }
+                Command::Cancel { worker, job, reason } => {
+                    let _ = self.send(worker, to_proto::cancel_to_proto(job, &reason));
+                    None
+                }
+                Command::CommitCheckpoint { dir, manifest } => {
+                    let (job, step) = (manifest.job, manifest.step);
+                    Some(match checkpoint::commit(Path::new(&dir), &manifest) {
+                        Ok(()) => {
+                            info!(%job, %step, %dir, "checkpoint committed");
+                            Event::CheckpointCommitted { job, step, dir }
+                        }
+                        Err(e) => Event::CheckpointCommitFailed { job, step, error: format!("{e:#}") },
+                    })
+                }
+                Command::PruneCheckpoints { job, dirs } => {
+                    for d in dirs {
+                        if let Err(e) = checkpoint::prune(Path::new(&d)) {
+                            warn!(%job, dir = %d, "could not delete an old checkpoint: {e:#}");
+                        }
+                    }
+                    None
+                }
+                Command::SaveJob(id) => {
+                    if let Some(job) = m.job(id)
+                        && let Err(e) = self.shared.store.save_job(job)
+                    {
+                        warn!(job = %id, "{e}");
+                    }
+                    None
+                }
+                Command::JobChanged(id) => {
+                    if let Some(job) = m.job(id) {
+                        let status = to_proto::job_to_proto(job);
+                        let watchers = self.shared.watchers.lock().expect("watchers lock");
+                        if let Some(tx) = watchers.get(&id) {
+                            tx.send_replace(status);
+                        }
+                    }
+                    None
+                }
+            };
+            if let Some(ev) = follow_up {
+                match m.step(now_ms(), ev) {
+                    Ok(out) => queue.extend(out.commands),
+                    Err(e) => warn!("follow-up event refused: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Queues a message on a worker's assignment stream; a worker whose stream is gone or full
+    /// comes back as a `Disconnected` event.
+    fn send(&self, worker: WorkerId, msg: pb::Assignment) -> Result<(), Event> {
+        let streams = self.shared.streams.lock().expect("streams lock");
+        match streams.get(&worker) {
+            Some(s) if s.tx.try_send(Ok(msg)).is_ok() => Ok(()),
+            _ => Err(Event::Disconnected(worker)),
+        }
+    }
+
+    fn watch_job(&self, job: JobId) -> Result<watch::Receiver<pb::JobStatus>, Status> {
+        let m = self.shared.machine.lock().expect("machine lock");
+        let j = m.job(job).ok_or_else(|| Status::not_found(format!("unknown job {job}")))?;
+        let mut watchers = self.shared.watchers.lock().expect("watchers lock");
+        let tx = watchers.entry(job).or_insert_with(|| watch::channel(to_proto::job_to_proto(j)).0);
+        tx.send_replace(to_proto::job_to_proto(j));
+        Ok(tx.subscribe())
+    }
+}
+
+/// The receiving end of a worker's assignment stream. Dropping it (the worker went away)
+/// tells the machine, unless a newer stream of the same worker replaced it.
+struct AssignmentStream {
+    rx: mpsc::Receiver<Result<pb::Assignment, Status>>,
+    worker: WorkerId,
+    generation: u64,
+    svc: Service,
+}
+
+impl Stream for AssignmentStream {
+    type Item = Result<pb::Assignment, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for AssignmentStream {
+    fn drop(&mut self) {
+        let current = {
+            let mut streams = self.svc.shared.streams.lock().expect("streams lock");
+            let current = streams.get(&self.worker).is_some_and(|s| s.generation == self.generation);
+            if current {
+                streams.remove(&self.worker);
+            }
+            current
+        };
+        if current {
+            info!(worker = %self.worker, "assignment stream closed");
+            let _ = self.svc.apply(Event::Disconnected(self.worker));
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    #[instrument(skip_all, fields(name = %req.get_ref().name))]
+    async fn register_worker(&self, req: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let r = req.into_inner();
+        let event = Event::Register {
+            name: to_proto::text("name", r.name)?,
+            devices: to_proto::devices_from_proto(r.devices)?,
+            data_addr: to_proto::text("data_addr", r.data_addr)?,
+        };
+        match self.apply(event)? {
+            Reply::Registered { worker, lease_ms, heartbeat_interval_ms } => {
+                info!(%worker, "worker registered");
+                Ok(Response::new(pb::RegisterWorkerResponse { worker_id: worker.0, lease_ms, heartbeat_interval_ms }))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        match self.apply(Event::Heartbeat(WorkerId(req.into_inner().worker_id)))? {
+            Reply::Heartbeat { known } => Ok(Response::new(pb::HeartbeatResponse { known })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    type WatchAssignmentsStream = BoxStream<pb::Assignment>;
+
+    #[instrument(skip_all, fields(worker = req.get_ref().worker_id))]
+    async fn watch_assignments(&self, req: Request<pb::WatchAssignmentsRequest>) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let worker = WorkerId(req.into_inner().worker_id);
+        let (tx, rx) = mpsc::channel(ASSIGNMENT_QUEUE);
+        let generation = {
+            let mut g = self.shared.next_generation.lock().expect("generation lock");
+            *g += 1;
+            *g
+        };
+        self.shared.streams.lock().expect("streams lock").insert(worker, WorkerStream { generation, tx });
+        let stream = AssignmentStream { rx, worker, generation, svc: self.clone() };
+        // Registering the stream before `Connected` lets assignments made by that event reach it.
+        self.apply(Event::Connected(worker))?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_step(&self, req: Request<pb::StepReport>) -> Result<Response<pb::StepReportResponse>, Status> {
+        let r = req.into_inner();
+        match self.apply(Event::StepDone(to_proto::step_report_from_proto(&r)))? {
+            Reply::Ack { cancel } => Ok(Response::new(pb::StepReportResponse { cancel: cancel.is_some(), reason: cancel.unwrap_or_default() })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn report_checkpoint(&self, req: Request<pb::CheckpointReport>) -> Result<Response<pb::CheckpointReportResponse>, Status> {
+        let r = to_proto::checkpoint_from_proto(req.into_inner())?;
+        match self.apply(Event::CheckpointWritten(r))? {
+            Reply::Ack { cancel } => Ok(Response::new(pb::CheckpointReportResponse { accepted: cancel.is_none() })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn report_job_result(&self, req: Request<pb::WorkerJobResult>) -> Result<Response<pb::WorkerJobResultResponse>, Status> {
+        let r = req.into_inner();
+        self.apply(Event::JobResult {
+            job: JobId(r.job_id),
+            worker: WorkerId(r.worker_id),
+            rank: Rank(r.rank),
+            ok: r.ok,
+            error: to_proto::text("error", r.error)?,
+            last_step: Step(r.last_step),
+        })?;
+        Ok(Response::new(pb::WorkerJobResultResponse {}))
+    }
+
+    #[instrument(skip_all, fields(nodes = req.get_ref().nodes))]
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        if r.recipe_json.len() > swarm_proto::limits::MAX_RECIPE_BYTES {
+            return Err(Status::invalid_argument(format!("the recipe is {} bytes; the limit is {}", r.recipe_json.len(), swarm_proto::limits::MAX_RECIPE_BYTES)));
+        }
+        let recipe: Recipe = serde_json::from_str(&r.recipe_json).map_err(|e| Status::invalid_argument(format!("recipe: {e}")))?;
+        let resume = if r.resume {
+            let found = checkpoint::latest_committed(&recipe.checkpoint.dir).map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+            Some(found.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "--resume: no committed checkpoint under {}; run without --resume to start fresh",
+                    recipe.checkpoint.dir.display()
+                ))
+            })?)
+        } else {
+            None
+        };
+        match self.apply(Event::Submit { recipe: Box::new(recipe), nodes: r.nodes as usize, resume })? {
+            Reply::Submitted(job) => {
+                info!(%job, "job submitted");
+                Ok(Response::new(pb::SubmitJobResponse { job_id: job.0 }))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    type WatchJobStream = BoxStream<pb::JobEvent>;
+
+    async fn watch_job(&self, req: Request<pb::JobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let mut rx = self.watch_job(JobId(req.into_inner().job_id))?;
+        let (tx, out) = mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let status = rx.borrow_and_update().clone();
+                let done = status.state != "waiting" && status.state != "running";
+                if tx.send(Ok(pb::JobEvent { status: Some(status) })).await.is_err() || done {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() { "cancelled by the user".to_string() } else { to_proto::text("reason", r.reason)? };
+        self.apply(Event::Cancel { job: JobId(r.job_id), reason })?;
+        Ok(Response::new(pb::CancelJobResponse {}))
+    }
+
+    async fn status(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let m = self.shared.machine.lock().expect("machine lock");
+        let now = now_ms();
+        Ok(Response::new(pb::ClusterStatus {
+            jobs: m.jobs().rev().take(1000).map(to_proto::job_to_proto).collect(),
+            workers: m.workers().map(|w| to_proto::worker_to_proto(w, now)).collect(),
+            coordinator_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}

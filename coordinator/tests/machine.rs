@@ -1,0 +1,205 @@
+//! The job state machine, driven without tokio: time is a number we pass in.
+
+use swarm_coordinator::job::JobState;
+use swarm_coordinator::machine::{CheckpointReport, Command, Config, Coordinator, Event, Reply, StepReport};
+use swarm_sharding::{JobId, Rank, Recipe, ShardFile, Step, WorkerId};
+
+fn recipe(steps: u64, gb: usize) -> Recipe {
+    let mut r = Recipe::from_yaml(&format!(
+        "name: t\nmodel: {{ preset: tiny }}\ndata: {{ dataset: d }}\ntrain: {{ steps: {steps}, seq_len: 8, global_batch: {gb}, lr: 0.001 }}\ncheckpoint: {{ dir: c, every: 2, keep: 1 }}\n"
+    ))
+    .unwrap();
+    r.resolve_model(None, 300).unwrap();
+    r
+}
+
+fn register(c: &mut Coordinator, now: u64, n: usize) -> Vec<WorkerId> {
+    (0..n)
+        .map(|i| {
+            let out = c
+                .step(now, Event::Register { name: format!("host{i}"), devices: vec![], data_addr: format!("127.0.0.1:{}", 9000 + i) })
+                .unwrap();
+            let Reply::Registered { worker, .. } = out.reply else { panic!("{:?}", out.reply) };
+            c.step(now, Event::Connected(worker)).unwrap();
+            worker
+        })
+        .collect()
+}
+
+fn submit(c: &mut Coordinator, now: u64, steps: u64, nodes: usize) -> (JobId, Vec<Command>) {
+    let out = c.step(now, Event::Submit { recipe: Box::new(recipe(steps, 4)), nodes, resume: None }).unwrap();
+    let Reply::Submitted(job) = out.reply else { panic!() };
+    (job, out.commands)
+}
+
+fn assigns(cmds: &[Command]) -> Vec<(WorkerId, Rank, usize, usize)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Assign { worker, assignment } => Some((*worker, assignment.rank, assignment.share.offset, assignment.share.count)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ckpt(job: JobId, w: WorkerId, r: u32, step: u64) -> Event {
+    Event::CheckpointWritten(CheckpointReport {
+        job,
+        worker: w,
+        rank: Rank(r),
+        step: Step(step),
+        dir: format!("c/step-{step:06}"),
+        files: vec![ShardFile { path: format!("optim-rank{r}.safetensors"), sha256: "ab".into(), bytes: 1 }],
+        rng_state: "seed=1".into(),
+        data_cursor: step * 4,
+    })
+}
+
+#[test]
+fn job_waits_for_workers_then_runs_to_success() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 1);
+    let (job, cmds) = submit(&mut c, 10, 2, 2);
+    assert!(assigns(&cmds).is_empty(), "must wait for the second worker");
+    assert_eq!(c.job(job).unwrap().state, JobState::Waiting);
+
+    let ws2 = register(&mut c, 20, 1);
+    let ws = [ws[0], ws2[0]];
+    // The second worker's Connected event started the job.
+    let running = c.job(job).unwrap();
+    assert_eq!(running.state, JobState::Running);
+    assert_eq!(running.workers, ws);
+
+    for step in 1..=2u64 {
+        for (r, w) in ws.iter().enumerate() {
+            let out = c
+                .step(100 * step, Event::StepDone(StepReport { job, worker: *w, rank: Rank(r as u32), step: Step(step), loss: 2.0 + r as f64, tokens: 100 }))
+                .unwrap();
+            assert_eq!(out.reply, Reply::Ack { cancel: None });
+        }
+        assert_eq!(c.job(job).unwrap().step, Step(step));
+        assert_eq!(c.job(job).unwrap().loss, Some(2.5), "token-weighted mean of 2 and 3");
+    }
+    let out = c.step(300, ckpt(job, ws[0], 0, 2)).unwrap();
+    assert!(!out.commands.iter().any(|c| matches!(c, Command::CommitCheckpoint { .. })), "one rank is not a checkpoint");
+    let out = c.step(301, ckpt(job, ws[1], 1, 2)).unwrap();
+    let Some(Command::CommitCheckpoint { dir, manifest }) = out.commands.iter().find(|c| matches!(c, Command::CommitCheckpoint { .. })) else {
+        panic!("{:?}", out.commands)
+    };
+    assert_eq!(manifest.ranks.len(), 2);
+    assert_eq!(manifest.data_cursor, 8);
+    for (r, w) in ws.iter().enumerate() {
+        c.step(302, Event::JobResult { job, worker: *w, rank: Rank(r as u32), ok: true, error: String::new(), last_step: Step(2) }).unwrap();
+    }
+    assert_eq!(c.job(job).unwrap().state, JobState::Running, "not done before the manifest is committed");
+    c.step(303, Event::CheckpointCommitted { job, step: Step(2), dir: dir.clone() }).unwrap();
+    assert_eq!(c.job(job).unwrap().state, JobState::Succeeded);
+    assert!(c.workers().all(|w| w.job.is_none()));
+}
+
+#[test]
+fn uneven_batch_is_split_and_reported() {
+    let mut c = Coordinator::new(Config::default());
+    register(&mut c, 0, 3);
+    let (_, cmds) = submit(&mut c, 0, 2, 3);
+    let a = assigns(&cmds);
+    assert_eq!(a.iter().map(|x| (x.2, x.3)).collect::<Vec<_>>(), vec![(0, 2), (2, 1), (3, 1)]);
+}
+
+#[test]
+fn lost_worker_fails_the_job_naming_it_and_cancels_the_rest() {
+    let cfg = Config { lease_ms: 1000, heartbeat_interval_ms: 100 };
+    let mut c = Coordinator::new(cfg);
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 10, 2);
+    c.step(900, Event::Heartbeat(ws[0])).unwrap();
+    let out = c.step(1500, Event::Tick).unwrap();
+    let j = c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    let err = j.error.clone().unwrap();
+    assert!(err.contains("w2") && err.contains("rank1") && err.contains("host1"), "{err}");
+    assert!(out.commands.iter().any(|c| matches!(c, Command::Cancel { worker, .. } if *worker == ws[0])));
+    let out = c.step(1600, Event::Heartbeat(ws[1])).unwrap();
+    assert_eq!(out.reply, Reply::Heartbeat { known: false });
+}
+
+#[test]
+fn disconnect_fails_running_job_at_once() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 10, 2);
+    c.step(5, Event::Disconnected(ws[0])).unwrap();
+    assert_eq!(c.job(job).unwrap().state, JobState::Failed);
+    assert!(c.job(job).unwrap().error.as_ref().unwrap().contains("w1"));
+}
+
+#[test]
+fn rank_failure_is_reported_with_its_error() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 10, 2);
+    c.step(5, Event::JobResult { job, worker: ws[1], rank: Rank(1), ok: false, error: "dataset missing".into(), last_step: Step(0) }).unwrap();
+    let e = c.job(job).unwrap().error.clone().unwrap();
+    assert!(e.contains("dataset missing") && e.contains("rank1"), "{e}");
+}
+
+#[test]
+fn reports_from_strangers_are_rejected() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 10, 1);
+    let other = if c.job(job).unwrap().workers[0] == ws[0] { ws[1] } else { ws[0] };
+    let e = c.step(1, Event::StepDone(StepReport { job, worker: other, rank: Rank(0), step: Step(1), loss: 1.0, tokens: 1 }));
+    assert!(e.is_err());
+}
+
+#[test]
+fn non_finite_loss_fails_the_job() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 1);
+    let (job, _) = submit(&mut c, 0, 10, 1);
+    let out = c.step(1, Event::StepDone(StepReport { job, worker: ws[0], rank: Rank(0), step: Step(1), loss: f64::NAN, tokens: 1 })).unwrap();
+    assert!(matches!(out.reply, Reply::Ack { cancel: Some(_) }));
+    assert_eq!(c.job(job).unwrap().state, JobState::Failed);
+}
+
+#[test]
+fn old_checkpoints_are_pruned_to_keep() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 1);
+    let (job, _) = submit(&mut c, 0, 10, 1);
+    let mut pruned = vec![];
+    for step in [2u64, 4] {
+        let out = c.step(step, ckpt(job, ws[0], 0, step)).unwrap();
+        assert!(out.commands.iter().any(|c| matches!(c, Command::CommitCheckpoint { .. })));
+        let out = c.step(step, Event::CheckpointCommitted { job, step: Step(step), dir: format!("c/step-{step:06}") }).unwrap();
+        for cmd in out.commands {
+            if let Command::PruneCheckpoints { dirs, .. } = cmd {
+                pruned.extend(dirs);
+            }
+        }
+    }
+    assert_eq!(pruned, vec!["c/step-000002".to_string()]);
+    assert_eq!(c.job(job).unwrap().last_checkpoint().unwrap().step, Step(4));
+}
+
+#[test]
+fn recovery_interrupts_unfinished_jobs() {
+    let mut c = Coordinator::new(Config::default());
+    register(&mut c, 0, 1);
+    let (job, _) = submit(&mut c, 0, 10, 1);
+    let jobs: Vec<_> = c.jobs().cloned().collect();
+    let (c2, cmds) = Coordinator::recover(Config::default(), jobs);
+    assert_eq!(c2.job(job).unwrap().state, JobState::Interrupted);
+    assert!(c2.job(job).unwrap().error.as_ref().unwrap().contains("--resume"));
+    assert!(cmds.contains(&Command::SaveJob(job)));
+}
+
+#[test]
+fn resume_past_the_end_is_refused() {
+    let mut c = Coordinator::new(Config::default());
+    let e = c
+        .step(0, Event::Submit { recipe: Box::new(recipe(10, 4)), nodes: 1, resume: Some(swarm_sharding::ResumePoint { dir: "x".into(), step: Step(10) }) })
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("raise train.steps"), "{e}");
+}

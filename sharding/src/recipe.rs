@@ -1,0 +1,408 @@
+//! Recipes: the typed, validated description of a training job (`recipes/*.yaml`).
+//!
+//! Parsing rejects unknown fields (a typo is an error, never a silently ignored setting), and
+//! [`Recipe::validate`] checks every value and the facts that tie fields together. Each error
+//! names the field, the value and the fix.
+
+use crate::model::ModelSpec;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// One problem with a recipe: which field, what value, what is wrong and how to fix it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} = {value}: {problem}; {fix}")]
+pub struct RecipeError {
+    pub field: String,
+    pub value: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+fn err(field: &str, value: impl std::fmt::Display, problem: &str, fix: &str) -> RecipeError {
+    RecipeError { field: field.into(), value: value.to_string(), problem: problem.into(), fix: fix.into() }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Names the job in status output and the checkpoint directory.
+    pub name: String,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+}
+
+/// Which model to train: a preset or a Hugging Face directory, with optional overrides.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A built-in shape (`tiny`, `llama-3.2-1b`, ...).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A Hugging Face model directory: `config.json`, and safetensors weights to start from.
+    #[serde(default)]
+    pub hf_dir: Option<PathBuf>,
+    /// The resolved shape. Filled by the client before submission ([`Recipe::resolve_model`]);
+    /// a recipe file may also give it whole instead of `preset` / `hf_dir`.
+    #[serde(default)]
+    pub spec: Option<ModelSpec>,
+    #[serde(default)]
+    pub hidden_size: Option<usize>,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub num_layers: Option<usize>,
+    #[serde(default)]
+    pub num_heads: Option<usize>,
+    #[serde(default)]
+    pub num_kv_heads: Option<usize>,
+    #[serde(default)]
+    pub max_seq_len: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A prepared dataset directory (`tokens.bin`, `index.json`, `tokenizer.json`).
+    pub dataset: PathBuf,
+    /// When `dataset` does not exist yet, build it from this: `python-stdlib` (the Python
+    /// standard library's sources on this machine) or a path to text/JSONL files.
+    #[serde(default)]
+    pub prepare_from: Option<String>,
+    /// Vocabulary of the tokenizer trained at prepare time.
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    /// Most bytes of raw text read at prepare time.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_vocab() -> usize {
+    2048
+}
+fn default_max_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps in the whole run.
+    pub steps: u64,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per optimizer step, over all workers.
+    pub global_batch: usize,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// The cosine schedule decays to `lr * min_lr_ratio`.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+}
+
+fn default_seed() -> u64 {
+    1234
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_wd() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Where step directories (`step-000050/`) are written.
+    pub dir: PathBuf,
+    /// Write a checkpoint every this many steps (and always after the last step).
+    pub every: u64,
+    /// Committed checkpoints to keep; older ones are deleted after a newer one commits. 0 keeps all.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_keep() -> usize {
+    3
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// 1: optimizer state sharded across data-parallel ranks.
+    #[serde(default = "default_zero")]
+    pub zero_stage: u8,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection { zero_stage: default_zero() }
+    }
+}
+
+fn default_zero() -> u8 {
+    1
+}
+
+/// ZeRO stages this build can execute.
+pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1];
+
+impl Recipe {
+    /// Parses YAML, rejecting unknown fields, then validates.
+    pub fn from_yaml(text: &str) -> Result<Recipe, String> {
+        let r: Recipe = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        r.validate().map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+
+    /// Checks every field and the facts between fields.
+    pub fn validate(&self) -> Result<(), RecipeError> {
+        if self.name.is_empty()
+            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err("name", format!("{:?}", self.name), "must be non-empty ASCII letters, digits, '-', '_' or '.'", "rename the recipe, e.g. name: tiny-cpu"));
+        }
+        self.validate_model()?;
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(err("train.steps", 0, "must be > 0", "set train.steps to the number of optimizer steps"));
+        }
+        if t.seq_len < 2 {
+            return Err(err("train.seq_len", t.seq_len, "must be >= 2", "use e.g. train.seq_len: 128"));
+        }
+        if t.global_batch == 0 {
+            return Err(err("train.global_batch", 0, "must be > 0", "set the sequences per step, e.g. 16"));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0 && t.lr < 1.0) {
+            return Err(err("train.lr", t.lr, "must be in (0, 1)", "use e.g. train.lr: 3.0e-4"));
+        }
+        if t.warmup_steps > t.steps {
+            return Err(err("train.warmup_steps", t.warmup_steps, &format!("is more than train.steps ({})", t.steps), "lower train.warmup_steps"));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(err("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]", "use e.g. 0.1"));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(err("train.weight_decay", t.weight_decay, "must be >= 0", "use e.g. 0.1, or 0 to disable"));
+        }
+        for (field, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(err(field, b, "must be in [0, 1)", "use 0.9 for beta1 and 0.95 for beta2"));
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return Err(err("train.eps", t.eps, "must be > 0", "use e.g. 1.0e-8"));
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            return Err(err("train.grad_clip", t.grad_clip, "must be >= 0", "use e.g. 1.0, or 0 to disable clipping"));
+        }
+        let c = &self.checkpoint;
+        if c.every == 0 {
+            return Err(err("checkpoint.every", 0, "must be > 0", "checkpoint every N steps, e.g. 50"));
+        }
+        if c.dir.as_os_str().is_empty() {
+            return Err(err("checkpoint.dir", "\"\"", "must be a directory path", "e.g. checkpoint.dir: runs/tiny-cpu"));
+        }
+        let d = &self.data;
+        if d.dataset.as_os_str().is_empty() {
+            return Err(err("data.dataset", "\"\"", "must be a directory path", "e.g. data.dataset: runs/data/python-stdlib"));
+        }
+        if !(256..=1 << 20).contains(&d.vocab_size) {
+            return Err(err("data.vocab_size", d.vocab_size, "must be in [256, 1048576]", "use e.g. 2048 for a tiny model"));
+        }
+        if d.max_bytes == 0 {
+            return Err(err("data.max_bytes", 0, "must be > 0", "e.g. 8388608 (8 MiB)"));
+        }
+        if !SUPPORTED_ZERO_STAGES.contains(&self.parallel.zero_stage) {
+            return Err(err("parallel.zero_stage", self.parallel.zero_stage, "is not supported by this build", "use parallel.zero_stage: 1"));
+        }
+        if let Some(spec) = &self.model.spec
+            && t.seq_len > spec.max_position_embeddings
+        {
+            return Err(err("train.seq_len", t.seq_len, &format!("is longer than the model's max_position_embeddings ({})", spec.max_position_embeddings), "shorten train.seq_len"));
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), RecipeError> {
+        let m = &self.model;
+        let sources = usize::from(m.preset.is_some()) + usize::from(m.hf_dir.is_some());
+        if sources > 1 {
+            return Err(err("model", "preset and hf_dir", "are both set", "keep only one of model.preset and model.hf_dir"));
+        }
+        if sources == 0 && m.spec.is_none() {
+            return Err(err("model", "{}", "names no model", &format!("set model.preset (one of {}) or model.hf_dir", ModelSpec::PRESETS.join(", "))));
+        }
+        if let Some(p) = &m.preset
+            && ModelSpec::preset(p).is_none()
+        {
+            return Err(err("model.preset", format!("{p:?}"), "is not a known preset", &format!("use one of {}", ModelSpec::PRESETS.join(", "))));
+        }
+        for (field, v) in [
+            ("model.hidden_size", m.hidden_size),
+            ("model.intermediate_size", m.intermediate_size),
+            ("model.num_layers", m.num_layers),
+            ("model.num_heads", m.num_heads),
+            ("model.num_kv_heads", m.num_kv_heads),
+            ("model.max_seq_len", m.max_seq_len),
+        ] {
+            if v == Some(0) {
+                return Err(err(field, 0, "must be > 0", "remove it to keep the preset's value"));
+            }
+        }
+        if let Some(spec) = &m.spec {
+            spec.check().map_err(|e| err("model.spec", "(resolved shape)", &e, "fix the model shape"))?;
+        }
+        Ok(())
+    }
+
+    /// The model shape from a preset or config.json text plus the recipe's overrides, with the
+    /// vocabulary of the dataset's tokenizer. Stores it in `model.spec` and re-validates.
+    pub fn resolve_model(&mut self, hf_config_json: Option<&str>, tokenizer_vocab: usize) -> Result<&ModelSpec, RecipeError> {
+        let m = &self.model;
+        let mut spec = if let Some(spec) = &m.spec {
+            spec.clone()
+        } else if let Some(p) = &m.preset {
+            let mut s = ModelSpec::preset(p).ok_or_else(|| err("model.preset", p, "is not a known preset", "see swarm plan --help"))?;
+            s.vocab_size = tokenizer_vocab;
+            s
+        } else {
+            let dir = m.hf_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let json = hf_config_json.ok_or_else(|| err("model.hf_dir", &dir, "has no config.json", "point model.hf_dir at a Hugging Face model directory"))?;
+            ModelSpec::from_hf_config(json, &format!("{dir}/config.json")).map_err(|e| err("model.hf_dir", &dir, &e, "use a Llama, Mistral or Qwen2 model"))?
+        };
+        if let Some(v) = m.hidden_size {
+            spec.hidden_size = v;
+        }
+        if let Some(v) = m.intermediate_size {
+            spec.intermediate_size = v;
+        }
+        if let Some(v) = m.num_layers {
+            spec.num_hidden_layers = v;
+        }
+        if let Some(v) = m.num_heads {
+            spec.num_attention_heads = v;
+        }
+        if let Some(v) = m.num_kv_heads {
+            spec.num_key_value_heads = v;
+        }
+        if let Some(v) = m.max_seq_len {
+            spec.max_position_embeddings = v;
+        }
+        if spec.vocab_size < tokenizer_vocab {
+            return Err(err("model.vocab_size", spec.vocab_size, &format!("is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"), "use a tokenizer that matches the model (data.vocab_size or the model's tokenizer.json)"));
+        }
+        spec.check().map_err(|e| err("model", "(resolved shape)", &e, "fix the overrides under model:"))?;
+        self.model.spec = Some(spec);
+        self.validate()?;
+        Ok(self.model.spec.as_ref().expect("just set"))
+    }
+
+    /// The resolved model shape; `None` before [`Recipe::resolve_model`].
+    pub fn spec(&self) -> Option<&ModelSpec> {
+        self.model.spec.as_ref()
+    }
+
+    /// The learning rate at optimizer step `step` (1-based): linear warmup, then cosine decay
+    /// to `lr * min_lr_ratio` at the last step.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let t = &self.train;
+        if t.warmup_steps > 0 && step <= t.warmup_steps {
+            return t.lr * step as f64 / t.warmup_steps as f64;
+        }
+        let decay_steps = t.steps.saturating_sub(t.warmup_steps).max(1);
+        let progress = (step.saturating_sub(t.warmup_steps)) as f64 / decay_steps as f64;
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
+        t.lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * cos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: t
+model: { preset: tiny }
+data: { dataset: d }
+train: { steps: 10, seq_len: 16, global_batch: 4, lr: 0.001, warmup_steps: 2 }
+checkpoint: { dir: c, every: 5 }
+"#;
+
+    #[test]
+    fn good_recipe_parses() {
+        let r = Recipe::from_yaml(GOOD).unwrap();
+        assert_eq!(r.parallel.zero_stage, 1);
+        assert_eq!(r.train.seed, 1234);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = Recipe::from_yaml(&GOOD.replace("steps: 10", "stepz: 10")).unwrap_err();
+        assert!(e.contains("stepz"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_field_value_and_fix() {
+        let cases = [
+            ("steps: 10", "steps: 0", "train.steps = 0"),
+            ("lr: 0.001", "lr: 5.0", "train.lr = 5"),
+            ("every: 5", "every: 0", "checkpoint.every = 0"),
+            ("preset: tiny", "preset: huge", "model.preset = \"huge\""),
+            ("warmup_steps: 2", "warmup_steps: 20", "train.warmup_steps = 20"),
+        ];
+        for (from, to, want) in cases {
+            let e = Recipe::from_yaml(&GOOD.replace(from, to)).unwrap_err();
+            assert!(e.starts_with(want), "{to}: {e}");
+            assert!(e.contains(';'), "no fix in: {e}");
+        }
+    }
+
+    #[test]
+    fn resolve_model_takes_tokenizer_vocab_and_overrides() {
+        let mut r = Recipe::from_yaml(&GOOD.replace("{ preset: tiny }", "{ preset: tiny, num_layers: 2 }")).unwrap();
+        let s = r.resolve_model(None, 1000).unwrap();
+        assert_eq!((s.vocab_size, s.num_hidden_layers), (1000, 2));
+        let again = Recipe::from_yaml(&serde_yaml::to_string(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn lr_schedule_warms_up_then_decays() {
+        let r = Recipe::from_yaml(GOOD).unwrap();
+        assert!((r.lr_at(1) - 0.0005).abs() < 1e-12);
+        assert!((r.lr_at(2) - 0.001).abs() < 1e-12);
+        assert!((r.lr_at(10) - 0.0001).abs() < 1e-12);
+        assert!(r.lr_at(6) < r.lr_at(3));
+    }
+}
