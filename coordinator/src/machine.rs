@@ -320,6 +320,7 @@ impl Coordinator {
                 loss: None,
                 first_loss: None,
                 tokens_per_s: 0.0,
+                losses: Vec::new(),
                 committed: Vec::new(),
                 submitted_unix_ms: now_ms,
                 progress: Progress::default(),
@@ -411,6 +412,11 @@ impl Coordinator {
                 j.step = r.step;
             }
             j.loss = Some(loss);
+            let idx = (r.step.0 - j.start_step.0).saturating_sub(1) as usize;
+            if j.losses.len() <= idx {
+                j.losses.resize(idx + 1, f64::NAN);
+            }
+            j.losses[idx] = loss;
             j.first_loss.get_or_insert(loss);
             if let Some(prev) = j.progress.last_step_done_ms {
                 let dt = (now_ms.saturating_sub(prev)).max(1) as f64 / 1000.0;

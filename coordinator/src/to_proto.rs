@@ -131,6 +131,8 @@ pub fn job_to_proto(j: &Job) -> pb::JobStatus {
         first_loss: j.first_loss.unwrap_or(f64::NAN),
         start_step: j.start_step.0,
         submitted_unix_ms: j.submitted_unix_ms,
+        losses: j.losses[j.losses.len().saturating_sub(limits::MAX_LOSS_HISTORY)..].to_vec(),
+        losses_first_step: j.start_step.0 + 1 + j.losses.len().saturating_sub(limits::MAX_LOSS_HISTORY) as u64,
     }
 }
 

@@ -93,6 +93,7 @@ fn job_waits_for_workers_then_runs_to_success() {
     assert_eq!(c.job(job).unwrap().state, JobState::Running, "not done before the manifest is committed");
     c.step(303, Event::CheckpointCommitted { job, step: Step(2), dir: dir.clone() }).unwrap();
     assert_eq!(c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(c.job(job).unwrap().losses, vec![2.5, 2.5]);
     assert!(c.workers().all(|w| w.job.is_none()));
 }
 

@@ -22,6 +22,8 @@ pub mod limits {
     pub const MAX_SHARD_FILES: usize = 64;
     /// Workers one job may use.
     pub const MAX_WORLD_SIZE: usize = 1024;
+    /// Loss history points a job status carries (the latest ones).
+    pub const MAX_LOSS_HISTORY: usize = 20_000;
     /// Longest free-text field (names, errors, paths).
     pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 }

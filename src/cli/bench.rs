@@ -1,0 +1,97 @@
+//! `swarm bench train`: training throughput of a recipe on 1, 2, ... local workers.
+
+use super::local::LocalCluster;
+use anyhow::{Context, bail};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    /// The recipe to measure.
+    #[arg(long, default_value = "recipes/tiny-cpu.yaml")]
+    pub recipe: PathBuf,
+    /// Worker counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub nodes: Vec<usize>,
+    /// Steps per run; the first `--warmup` are not timed.
+    #[arg(long, default_value_t = 30)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Row {
+    nodes: usize,
+    timed_steps: u64,
+    seconds: f64,
+    tokens_per_s: f64,
+    final_loss: f64,
+}
+
+pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
+    if a.steps <= a.warmup + 1 {
+        bail!("--steps ({}) must exceed --warmup ({}) by at least 2", a.steps, a.warmup);
+    }
+    let mut recipe = super::recipe::load(&a.recipe)?;
+    super::recipe::ensure_dataset(&recipe, &a.recipe, !a.json)?;
+    super::recipe::resolve(&mut recipe, &a.recipe)?;
+    recipe.train.steps = a.steps;
+    recipe.train.warmup_steps = recipe.train.warmup_steps.min(a.steps);
+    recipe.checkpoint.every = a.steps;
+    let scratch = std::env::temp_dir().join(format!("swarm-bench-{}", std::process::id()));
+    let tokens_per_step = (recipe.train.global_batch * recipe.train.seq_len) as f64;
+    let mut rows = Vec::new();
+    for &n in &a.nodes {
+        let dir = scratch.join(format!("nodes-{n}"));
+        recipe.checkpoint.dir = dir.join("checkpoints");
+        let mut cluster = LocalCluster::start(n, &dir.join("coordinator"), &dir.join("logs"))?;
+        let addr = cluster.addr.clone();
+        let mut seen: Vec<(u64, Instant)> = Vec::new();
+        let status = super::train::submit_and_follow(&addr, &recipe, n, false, false, Some(&mut cluster), |s| {
+            if s.state == "running" && seen.last().is_none_or(|(st, _)| *st < s.step) {
+                seen.push((s.step, Instant::now()));
+            }
+        })
+        .await;
+        cluster.stop();
+        let status = status?;
+        if status.state != "succeeded" {
+            bail!("benchmark run on {n} worker(s) {}: {}", status.state, status.error);
+        }
+        let first = seen.iter().find(|(s, _)| *s >= a.warmup).context("no step was observed after the warm-up")?;
+        let last = seen.last().context("no step observed")?;
+        let secs = last.1.duration_since(first.1).as_secs_f64();
+        let timed = last.0 - first.0;
+        if timed == 0 || secs <= 0.0 {
+            bail!("too few steps were observed to time the run on {n} worker(s)");
+        }
+        rows.push(Row { nodes: n, timed_steps: timed, seconds: secs, tokens_per_s: timed as f64 * tokens_per_step / secs, final_loss: status.loss });
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let spec = recipe.spec().context("resolved above")?;
+    if a.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss}))
+            .collect();
+        println!("{}", serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": tokens_per_step, "runs": out}));
+        return Ok(());
+    }
+    println!(
+        "recipe {} ({:.2}M parameters, {} tokens/step, steps {}..{} timed)",
+        a.recipe.display(),
+        spec.param_count() as f64 / 1e6,
+        tokens_per_step,
+        a.warmup,
+        a.steps
+    );
+    println!("{:>6} | {:>8} | {:>10} | {:>10} | {:>10}", "nodes", "steps", "s/step", "tokens/s", "final loss");
+    println!("{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<10}", "", "", "", "", "");
+    for r in &rows {
+        println!("{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>10.4}", r.nodes, r.timed_steps, r.seconds / r.timed_steps as f64, r.tokens_per_s, r.final_loss);
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! `swarm train`: submit a recipe and follow the job with a progress bar.
+
+use super::local::LocalCluster;
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+use swarm_proto::v1 as pb;
+use swarm_sharding::Recipe;
+use swarm_sharding::plan::split_batch;
+use swarm_worker::daemon::connect;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The recipe (YAML) to train.
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Workers to train on.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Continue from the recipe's last committed checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// host:port of the coordinator. Without it, $SWARM_COORDINATOR or 127.0.0.1:7450 is tried
+    /// and, when nothing answers there, a local coordinator and --nodes local workers are started.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Always start a local coordinator and workers, even if one answers at the default address.
+    #[arg(long)]
+    pub local: bool,
+    /// Print the final job status as JSON (with the loss of every step) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Submits and follows a job to its end. `on_status` sees every status the coordinator sends.
+pub async fn submit_and_follow(
+    addr: &str,
+    recipe: &Recipe,
+    nodes: usize,
+    resume: bool,
+    show: bool,
+    mut local: Option<&mut LocalCluster>,
+    mut on_status: impl FnMut(&pb::JobStatus),
+) -> anyhow::Result<pb::JobStatus> {
+    let mut client = connect(addr).await?;
+    let job = client
+        .submit_job(pb::SubmitJobRequest { recipe_json: serde_json::to_string(recipe)?, nodes: nodes as u32, resume })
+        .await
+        .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
+        .into_inner()
+        .job_id;
+    let mut stream = client.watch_job(pb::JobRequest { job_id: job }).await?.into_inner();
+    let tty = show && std::io::stderr().is_terminal();
+    let pb = if tty { ProgressBar::new(recipe.train.steps) } else { ProgressBar::hidden() };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps | {msg} | ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(format!("job-{job}"));
+    pb.set_message(format!("waiting for {nodes} worker(s)"));
+    pb.enable_steady_tick(Duration::from_millis(200));
+    let mut last_printed = 0u64;
+    let mut started = false;
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let status = loop {
+        let msg = tokio::select! {
+            m = stream.message() => m.context("following the job")?,
+            _ = tick.tick() => {
+                if let Some(l) = local.as_deref_mut() { l.check_alive()?; }
+                continue;
+            }
+            () = super::shutdown_signal() => {
+                pb.abandon();
+                let _ = client.cancel_job(pb::CancelJobRequest { job_id: job, reason: "interrupted by the user (Ctrl-C)".into() }).await;
+                bail!("interrupted; job-{job} cancelled (its last committed checkpoint is kept: continue with --resume)");
+            }
+        };
+        let Some(ev) = msg else { break last.context("the coordinator ended the job stream before any status")? };
+        let Some(s) = ev.status else { continue };
+        on_status(&s);
+        if s.state == "running" && !started {
+            started = true;
+            pb.set_position(s.start_step);
+            pb.reset_eta();
+        }
+        if s.step > 0 {
+            pb.set_position(s.step);
+            let loss = if s.loss.is_finite() { format!("loss {:.4}", s.loss) } else { "loss -".into() };
+            pb.set_message(format!("{loss} | {:.0} tok/s", s.tokens_per_s));
+            if show && !tty && (s.step >= last_printed + 10 || s.step == s.total_steps) && s.step != last_printed {
+                eprintln!("job-{job} step {}/{} {loss} {:.0} tok/s", s.step, s.total_steps, s.tokens_per_s);
+                last_printed = s.step;
+            }
+        }
+        let done = s.state != "waiting" && s.state != "running";
+        last = Some(s);
+        if done {
+            break last.expect("just set");
+        }
+    };
+    pb.finish_and_clear();
+    Ok(status)
+}
+
+pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let mut recipe = super::recipe::load(&a.recipe)?;
+    if a.nodes == 0 {
+        bail!("--nodes must be at least 1, got 0");
+    }
+    split_batch(a.nodes, recipe.train.global_batch).map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
+    let show = !a.json;
+    super::recipe::ensure_dataset(&recipe, &a.recipe, show)?;
+    super::recipe::resolve(&mut recipe, &a.recipe)?;
+
+    let explicit = a.coordinator.is_some();
+    let addr = a.coordinator.unwrap_or_else(crate::default_coordinator);
+    let mut local = None;
+    let addr = if !a.local && connect(&addr).await.is_ok() {
+        addr
+    } else if explicit && !a.local {
+        bail!("no coordinator answers at {addr}; start one with `swarm up`, or leave out --coordinator to train on this machine");
+    } else {
+        let state = recipe.checkpoint.dir.join("coordinator");
+        let logs = recipe.checkpoint.dir.join("logs");
+        if show {
+            eprintln!("no coordinator at {addr}: starting a local one with {} worker(s) (logs in {})", a.nodes, logs.display());
+        }
+        let cluster = LocalCluster::start(a.nodes, &state, &logs)?;
+        let addr = cluster.addr.clone();
+        local = Some(cluster);
+        addr
+    };
+    let result = submit_and_follow(&addr, &recipe, a.nodes, a.resume, show, local.as_mut(), |_| {}).await;
+    if let Some(mut l) = local {
+        l.stop();
+    }
+    let s = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&super::status::job_json(&s))?);
+    }
+    match s.state.as_str() {
+        "succeeded" => {
+            if show {
+                eprintln!(
+                    "job-{} succeeded: steps {}..{}, loss {:.4} -> {:.4}, {:.0} tok/s; checkpoint {}",
+                    s.job_id, s.start_step, s.step, s.first_loss, s.loss, s.tokens_per_s, s.last_checkpoint_dir
+                );
+            }
+            Ok(())
+        }
+        state => bail!("job-{} {state}: {}", s.job_id, if s.error.is_empty() { "no reason given" } else { &s.error }),
+    }
+}

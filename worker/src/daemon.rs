@@ -1,0 +1,257 @@
+//! The worker daemon: registers with the coordinator, keeps its lease with heartbeats, takes
+//! assignments from a server stream and trains them on a blocking thread while an async task
+//! carries its reports. If the coordinator goes away it registers again when it is back.
+
+use crate::comm::dataplane::DataPlane;
+use crate::comm::ring::Aborter;
+use crate::proto_conv;
+use crate::train::{self, Report, TrainContext};
+use anyhow::Context;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use swarm_proto::v1 as pb;
+use swarm_proto::v1::coordinator_client::CoordinatorClient;
+use swarm_sharding::{Assignment, JobId, WorkerId};
+use tokio::sync::{Mutex, mpsc};
+use tonic::transport::Channel;
+use tracing::{Instrument, error, info, info_span, warn};
+
+/// Reports buffered between the training thread and the coordinator.
+const REPORT_QUEUE: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// host:port of the coordinator.
+    pub coordinator: String,
+    pub name: String,
+    /// Where the data-plane listener binds (peers connect here).
+    pub data_listen: String,
+    /// The host peers should dial; by default the address this machine uses to reach the coordinator.
+    pub advertise_host: Option<String>,
+}
+
+type Client = CoordinatorClient<Channel>;
+
+pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("{addr} is not a host:port"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("no coordinator answers at {addr}"))?;
+    Ok(CoordinatorClient::new(channel)
+        .max_decoding_message_size(swarm_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(swarm_proto::limits::MAX_MESSAGE_BYTES))
+}
+
+/// The local address this machine uses to reach `coordinator` (no packet is sent).
+fn local_ip_towards(coordinator: &str) -> Option<String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(coordinator).ok()?;
+    Some(sock.local_addr().ok()?.ip().to_string())
+}
+
+struct Running {
+    job: JobId,
+    cancel: Arc<AtomicBool>,
+    aborter: Aborter,
+}
+
+pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
+    let dp = Arc::new(DataPlane::bind(&opts.data_listen)?);
+    let port = dp.local_addr().port();
+    let host = match &opts.advertise_host {
+        Some(h) => h.clone(),
+        None => local_ip_towards(&opts.coordinator).unwrap_or_else(|| "127.0.0.1".into()),
+    };
+    let data_addr = format!("{host}:{port}");
+    let devices = tokio::task::spawn_blocking(crate::device::detect).await?;
+    for d in &devices {
+        info!(kind = d.kind.as_str(), name = %d.name, tflops = d.measured_tflops, memory_gib = d.memory_bytes as f64 / (1u64 << 30) as f64, "device");
+    }
+    let running: Arc<Mutex<Option<Running>>> = Arc::default();
+    let mut waited = false;
+    loop {
+        let mut client = match connect(&opts.coordinator).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !waited {
+                    warn!("{e:#}; retrying every 2 s");
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        waited = false;
+        let reg = client
+            .register_worker(pb::RegisterWorkerRequest {
+                name: opts.name.clone(),
+                devices: devices.iter().map(proto_conv::device_to_proto).collect(),
+                data_addr: data_addr.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .await
+            .context("registering with the coordinator")?
+            .into_inner();
+        let worker = WorkerId(reg.worker_id);
+        info!(%worker, coordinator = %opts.coordinator, %data_addr, "registered");
+        let session = serve(client, worker, reg.heartbeat_interval_ms, dp.clone(), running.clone());
+        if let Err(e) = session.instrument(info_span!("worker", %worker)).await {
+            warn!("lost the coordinator: {e:#}; registering again");
+        }
+        if let Some(r) = running.lock().await.as_ref() {
+            warn!(job = %r.job, "stopping the running job: its coordinator session ended");
+            r.cancel.store(true, Ordering::Relaxed);
+            r.aborter.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One registration's life: heartbeats plus the assignment stream; returns when either ends.
+async fn serve(client: Client, worker: WorkerId, heartbeat_ms: u64, dp: Arc<DataPlane>, running: Arc<Mutex<Option<Running>>>) -> anyhow::Result<()> {
+    let mut hb_client = client.clone();
+    let heartbeats = async move {
+        let mut every = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100)));
+        loop {
+            every.tick().await;
+            let r = hb_client.heartbeat(pb::HeartbeatRequest { worker_id: worker.0 }).await?.into_inner();
+            if !r.known {
+                anyhow::bail!("the coordinator no longer knows {worker}");
+            }
+        }
+    };
+    let mut stream_client = client.clone();
+    let assignments = async move {
+        let mut stream = stream_client.watch_assignments(pb::WatchAssignmentsRequest { worker_id: worker.0 }).await?.into_inner();
+        while let Some(msg) = stream.message().await? {
+            match msg.kind {
+                Some(pb::assignment::Kind::Train(t)) => {
+                    let job = JobId(t.job_id);
+                    match proto_conv::assignment_from_proto(t) {
+                        Ok(a) => start_job(client.clone(), worker, a, dp.clone(), running.clone()).await,
+                        Err(e) => report_result(&mut client.clone(), job, worker, 0, Err(format!("{e:#}")), 0).await,
+                    }
+                }
+                Some(pb::assignment::Kind::Cancel(c)) => {
+                    if let Some(r) = running.lock().await.as_ref()
+                        && r.job.0 == c.job_id
+                    {
+                        info!(job = %r.job, reason = %c.reason, "job cancelled");
+                        r.cancel.store(true, Ordering::Relaxed);
+                        r.aborter.abort();
+                    }
+                }
+                None => {}
+            }
+        }
+        anyhow::bail!("the coordinator closed the assignment stream")
+    };
+    tokio::select! {
+        r = heartbeats => r,
+        r = assignments => r,
+    }
+}
+
+async fn report_result(client: &mut Client, job: JobId, worker: WorkerId, rank: u32, result: Result<u64, String>, last_step: u64) {
+    let (ok, error) = match result {
+        Ok(_) => (true, String::new()),
+        Err(e) => (false, e),
+    };
+    let mut error = error;
+    error.truncate(swarm_proto::limits::MAX_TEXT_BYTES - 16);
+    let req = pb::WorkerJobResult { job_id: job.0, worker_id: worker.0, rank, ok, error, last_step };
+    if let Err(e) = client.report_job_result(req).await {
+        warn!(%job, "could not report the job's result: {e}");
+    }
+}
+
+async fn start_job(client: Client, worker: WorkerId, a: Assignment, dp: Arc<DataPlane>, running: Arc<Mutex<Option<Running>>>) {
+    let mut slot = running.lock().await;
+    if let Some(r) = slot.as_ref() {
+        let msg = format!("{worker} is still running {}", r.job);
+        report_result(&mut client.clone(), a.job, worker, a.rank.0, Err(msg), 0).await;
+        return;
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let aborter = Aborter::default();
+    *slot = Some(Running { job: a.job, cancel: cancel.clone(), aborter: aborter.clone() });
+    drop(slot);
+    let span = info_span!("job", job = %a.job, rank = %a.rank);
+    tokio::spawn(
+        async move {
+            let (tx, mut rx) = mpsc::channel::<Report>(REPORT_QUEUE);
+            // Reports go out in order; a refusal cancels training.
+            let mut rc = client.clone();
+            let a2 = a.clone();
+            let (cancel2, aborter2) = (cancel.clone(), aborter.clone());
+            let reporter = tokio::spawn(async move {
+                let mut last = 0;
+                while let Some(r) = rx.recv().await {
+                    let stop = match r {
+                        Report::Step(s) => {
+                            last = s.step.0;
+                            match rc.report_step(proto_conv::step_to_proto(&a2, worker, &s)).await {
+                                Ok(resp) => resp.into_inner().cancel,
+                                Err(e) => {
+                                    warn!("step report failed: {e}");
+                                    true
+                                }
+                            }
+                        }
+                        Report::Checkpoint { step, dir, files, rng_state, data_cursor } => {
+                            let req = pb::CheckpointReport {
+                                job_id: a2.job.0,
+                                worker_id: worker.0,
+                                rank: a2.rank.0,
+                                step: step.0,
+                                dir: dir.display().to_string(),
+                                files: files.into_iter().map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes }).collect(),
+                                rng_state,
+                                data_cursor,
+                            };
+                            match rc.report_checkpoint(req).await {
+                                Ok(resp) => !resp.into_inner().accepted,
+                                Err(e) => {
+                                    warn!("checkpoint report failed: {e}");
+                                    true
+                                }
+                            }
+                        }
+                    };
+                    if stop {
+                        cancel2.store(true, Ordering::Relaxed);
+                        aborter2.abort();
+                    }
+                }
+                last
+            });
+            let ctx = TrainContext {
+                worker,
+                data_plane: dp,
+                report: Box::new(move |r| tx.blocking_send(r).map_err(|_| anyhow::anyhow!("the report channel closed"))),
+                cancel: cancel.clone(),
+                aborter,
+            };
+            let a3 = a.clone();
+            let result = tokio::task::spawn_blocking(move || train::run(&a3, ctx)).await;
+            let last = reporter.await.unwrap_or(0);
+            let result = match result {
+                Ok(Ok(step)) => Ok(step.0),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("the training thread panicked: {e}")),
+            };
+            match &result {
+                Ok(_) => info!("job finished"),
+                Err(e) if cancel.load(Ordering::Relaxed) => info!("job stopped: {e}"),
+                Err(e) => error!("job failed: {e}"),
+            }
+            *running.lock().await = None;
+            report_result(&mut client.clone(), a.job, worker, a.rank.0, result, last).await;
+        }
+        .instrument(span),
+    );
+}

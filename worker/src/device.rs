@@ -1,0 +1,75 @@
+//! Device detection and measurement: what this machine can offer a job.
+
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+use swarm_sharding::{DeviceInfo, DeviceKind};
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// f32 matmul throughput of the CPU through candle, in TFLOP/s (a short measurement).
+pub fn measure_cpu_tflops() -> f64 {
+    let n = 384;
+    let run = || -> candle_core::Result<f64> {
+        let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+        a.matmul(&b)?; // warm up
+        let reps = 8;
+        let t = Instant::now();
+        for _ in 0..reps {
+            a.matmul(&b)?;
+        }
+        Ok(2.0 * (n * n * n * reps) as f64 / t.elapsed().as_secs_f64() / 1e12)
+    };
+    run().unwrap_or(0.0)
+}
+
+/// NVIDIA GPUs the kernel driver knows about (names only; a CPU build does not load CUDA).
+fn nvidia_gpus() -> Vec<DeviceInfo> {
+    let Ok(dirs) = std::fs::read_dir("/proc/driver/nvidia/gpus") else { return Vec::new() };
+    let mut names: Vec<String> = dirs
+        .filter_map(|d| std::fs::read_to_string(d.ok()?.path().join("information")).ok())
+        .filter_map(|info| info.lines().find(|l| l.starts_with("Model:")).map(|l| l["Model:".len()..].trim().to_string()))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| DeviceInfo {
+            kind: DeviceKind::Cuda,
+            name,
+            ordinal: i as u32,
+            memory_bytes: 0,
+            free_bytes: 0,
+            measured_tflops: 0.0,
+            cores: 0,
+        })
+        .collect()
+}
+
+/// This machine's devices: the CPU (measured) and any CUDA GPUs (detected).
+pub fn detect() -> Vec<DeviceInfo> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let mut out = vec![DeviceInfo {
+        kind: DeviceKind::Cpu,
+        name: cpu_name(),
+        ordinal: 0,
+        memory_bytes: meminfo("MemTotal:"),
+        free_bytes: meminfo("MemAvailable:"),
+        measured_tflops: measure_cpu_tflops(),
+        cores,
+    }];
+    out.extend(nvidia_gpus());
+    out
+}

@@ -1,0 +1,254 @@
+//! A Llama-family decoder (Llama 2/3, Mistral, Qwen2) written for training with candle:
+//! RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, through our differentiable ops in
+//! `swarm_kernels` (candle's fused ops have no backward).
+//!
+//! Parameters carry Hugging Face names (`model.layers.N.self_attn.q_proj.weight`, ...) and
+//! layouts (`[out, in]`), so weights load from and save to Hugging Face checkpoints.
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+use swarm_kernels as k;
+use swarm_sharding::ModelSpec;
+
+/// One named parameter.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+}
+
+pub struct Llama {
+    pub spec: ModelSpec,
+    pub params: Vec<Param>,
+    index: HashMap<String, usize>,
+    device: Device,
+}
+
+/// The parameter names and shapes of a model, in a fixed order (the order of the flat vector
+/// that collectives and optimizer shards use).
+pub fn param_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
+    let h = spec.hidden_size;
+    let kv = spec.num_key_value_heads * spec.head_dim();
+    let i = spec.intermediate_size;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab_size, h])];
+    for l in 0..spec.num_hidden_layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        out.push((p("input_layernorm.weight"), vec![h]));
+        out.push((p("self_attn.q_proj.weight"), vec![h, h]));
+        out.push((p("self_attn.k_proj.weight"), vec![kv, h]));
+        out.push((p("self_attn.v_proj.weight"), vec![kv, h]));
+        if spec.attention_bias {
+            out.push((p("self_attn.q_proj.bias"), vec![h]));
+            out.push((p("self_attn.k_proj.bias"), vec![kv]));
+            out.push((p("self_attn.v_proj.bias"), vec![kv]));
+        }
+        out.push((p("self_attn.o_proj.weight"), vec![h, h]));
+        out.push((p("post_attention_layernorm.weight"), vec![h]));
+        out.push((p("mlp.gate_proj.weight"), vec![i, h]));
+        out.push((p("mlp.up_proj.weight"), vec![i, h]));
+        out.push((p("mlp.down_proj.weight"), vec![h, i]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !spec.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![spec.vocab_size, h]));
+    }
+    out
+}
+
+/// A small deterministic generator (splitmix64), so initial weights depend only on the seed,
+/// never on a dependency's version or on how many workers there are.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal by Box-Muller.
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+impl Llama {
+    /// Random initialisation (normal, std 0.02, as Hugging Face's `initializer_range`; norms at 1).
+    pub fn init(spec: &ModelSpec, seed: u64, device: &Device) -> anyhow::Result<Llama> {
+        let mut rng = SplitMix64(seed ^ 0x5EED_0F_11A3A);
+        let mut tensors = Vec::new();
+        for (name, shape) in param_shapes(spec) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+            };
+            tensors.push((name, Tensor::from_vec(data, shape, device)?));
+        }
+        Llama::from_tensors(spec, tensors, device)
+    }
+
+    fn from_tensors(spec: &ModelSpec, tensors: Vec<(String, Tensor)>, device: &Device) -> anyhow::Result<Llama> {
+        let mut params = Vec::with_capacity(tensors.len());
+        let mut index = HashMap::new();
+        for (name, t) in tensors {
+            index.insert(name.clone(), params.len());
+            params.push(Param { name, var: Var::from_tensor(&t.to_dtype(DType::F32)?)? });
+        }
+        Ok(Llama { spec: spec.clone(), params, index, device: device.clone() })
+    }
+
+    /// Loads weights from safetensors files with Hugging Face names (`model.safetensors`, or
+    /// the shards listed by `model.safetensors.index.json`). Every parameter must be present
+    /// with the right shape; extra tensors (rotary caches) are ignored.
+    pub fn load(spec: &ModelSpec, dir: &Path, device: &Device) -> anyhow::Result<Llama> {
+        let files = weight_files(dir)?;
+        let mut found: HashMap<String, Tensor> = HashMap::new();
+        for f in &files {
+            let ts = candle_core::safetensors::load(f, device).with_context(|| format!("reading {}", f.display()))?;
+            found.extend(ts);
+        }
+        let mut tensors = Vec::new();
+        for (name, shape) in param_shapes(spec) {
+            let t = match found.remove(&name) {
+                Some(t) => t,
+                None if name == "lm_head.weight" => bail!("{}: lm_head.weight is missing (tie_word_embeddings is false in config.json)", dir.display()),
+                None => bail!("{}: tensor {name} is missing; is this a Llama-family checkpoint of the shape in config.json?", dir.display()),
+            };
+            if t.dims() != shape.as_slice() {
+                bail!("{}: tensor {name} has shape {:?}, config.json implies {:?}", dir.display(), t.dims(), shape);
+            }
+            tensors.push((name, t));
+        }
+        Llama::from_tensors(spec, tensors, device)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    fn w(&self, name: &str) -> &Tensor {
+        self.params[self.index[name]].var.as_tensor()
+    }
+
+    fn linear(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let w = self.w(&format!("{name}.weight"));
+        let y = x.reshape((b * s, h))?.matmul(&w.t()?)?;
+        let y = match self.index.get(&format!("{name}.bias")) {
+            Some(&i) => y.broadcast_add(self.params[i].var.as_tensor())?,
+            None => y,
+        };
+        y.reshape((b, s, w.dim(0)?))
+    }
+
+    /// cos and sin of the rotary angles for positions `0..seq_len`, each `[seq_len, head_dim/2]`.
+    pub fn rope_tables(&self, seq_len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let hd = self.spec.head_dim();
+        let theta = self.spec.rope_theta;
+        let mut cos = Vec::with_capacity(seq_len * hd / 2);
+        let mut sin = Vec::with_capacity(seq_len * hd / 2);
+        for pos in 0..seq_len {
+            for i in 0..hd / 2 {
+                let inv_freq = 1.0 / theta.powf(2.0 * i as f64 / hd as f64);
+                let a = pos as f64 * inv_freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok((Tensor::from_vec(cos, (seq_len, hd / 2), &self.device)?, Tensor::from_vec(sin, (seq_len, hd / 2), &self.device)?))
+    }
+
+    /// Logits `[batch * seq, vocab]` for token ids `[batch, seq]`.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let spec = &self.spec;
+        let (nh, nkv, hd) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim());
+        let eps = spec.rms_norm_eps;
+        let (cos, sin) = self.rope_tables(s)?;
+        let mask = causal_mask(s, &self.device)?;
+        let emb = self.w("model.embed_tokens.weight");
+        let mut x = emb.embedding(&ids.flatten_all()?)?.reshape((b, s, spec.hidden_size))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in 0..spec.num_hidden_layers {
+            let p = |n: &str| format!("model.layers.{l}.{n}");
+            let h = k::rms_norm(&x, self.w(&p("input_layernorm.weight")), eps)?;
+            let q = self.linear(&h, &p("self_attn.q_proj"))?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
+            let kk = self.linear(&h, &p("self_attn.k_proj"))?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
+            let v = self.linear(&h, &p("self_attn.v_proj"))?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
+            let q = k::rope(&q.contiguous()?, &cos, &sin)?;
+            let kk = repeat_kv(&k::rope(&kk.contiguous()?, &cos, &sin)?, nh / nkv)?;
+            let v = repeat_kv(&v.contiguous()?, nh / nkv)?;
+            let scores = (q.matmul(&kk.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = k::softmax_last_dim(&scores)?;
+            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+            x = (x + self.linear(&attn, &p("self_attn.o_proj"))?)?;
+            let h = k::rms_norm(&x, self.w(&p("post_attention_layernorm.weight")), eps)?;
+            let gate = self.linear(&h, &p("mlp.gate_proj"))?;
+            let up = self.linear(&h, &p("mlp.up_proj"))?;
+            x = (x + self.linear(&k::swiglu(&gate, &up)?, &p("mlp.down_proj"))?)?;
+        }
+        let x = k::rms_norm(&x, self.w("model.norm.weight"), eps)?;
+        let head = if spec.tie_word_embeddings { emb } else { self.w("lm_head.weight") };
+        x.reshape((b * s, spec.hidden_size))?.matmul(&head.t()?)
+    }
+
+    /// Mean next-token cross-entropy of `windows` (`[batch, seq+1]` token ids).
+    pub fn loss(&self, windows: &Tensor) -> candle_core::Result<Tensor> {
+        let s1 = windows.dim(1)?;
+        let inputs = windows.narrow(1, 0, s1 - 1)?.contiguous()?;
+        let targets = windows.narrow(1, 1, s1 - 1)?.flatten_all()?;
+        k::cross_entropy(&self.forward(&inputs)?, &targets)
+    }
+}
+
+/// `[seq, seq]` additive mask: 0 on and below the diagonal, -inf above.
+fn causal_mask(s: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let m: Vec<f32> = (0..s).flat_map(|i| (0..s).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(m, (s, s), device)
+}
+
+/// `[b, nkv, s, hd]` to `[b, nkv * rep, s, hd]`, each kv head repeated for its query heads.
+fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, nkv, s, hd) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, nkv, rep, s, hd))?.reshape((b, nkv * rep, s, hd))
+}
+
+/// The safetensors files of a Hugging Face model directory.
+pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+}
+

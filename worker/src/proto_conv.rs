@@ -1,0 +1,62 @@
+//! The one place where the worker converts between wire types and domain types.
+
+use crate::train::StepStats;
+use anyhow::{Context, bail};
+use swarm_proto::v1 as pb;
+use swarm_sharding::plan::BatchShare;
+use swarm_sharding::{Assignment, DeviceInfo, JobId, Peer, Rank, Recipe, ResumePoint, Step, WorkerId};
+
+pub fn device_to_proto(d: &DeviceInfo) -> pb::Device {
+    pb::Device {
+        kind: d.kind.as_str().into(),
+        name: d.name.clone(),
+        ordinal: d.ordinal,
+        memory_bytes: d.memory_bytes,
+        free_bytes: d.free_bytes,
+        measured_tflops: d.measured_tflops,
+        cores: d.cores,
+    }
+}
+
+pub fn assignment_from_proto(t: pb::TrainAssignment) -> anyhow::Result<Assignment> {
+    if t.peers.len() > swarm_proto::limits::MAX_WORLD_SIZE || t.peers.len() != t.world_size as usize {
+        bail!("assignment lists {} peers for a world of {}", t.peers.len(), t.world_size);
+    }
+    if t.rank >= t.world_size {
+        bail!("assignment gives rank {} in a world of {}", t.rank, t.world_size);
+    }
+    let recipe: Recipe = serde_json::from_str(&t.recipe_json).context("decoding the assignment's recipe")?;
+    recipe.validate().context("the assignment's recipe")?;
+    let peers = t
+        .peers
+        .into_iter()
+        .map(|p| Peer { rank: Rank(p.rank), worker: WorkerId(p.worker_id), data_addr: p.data_addr })
+        .collect();
+    Ok(Assignment {
+        job: JobId(t.job_id),
+        rank: Rank(t.rank),
+        world_size: t.world_size,
+        peers,
+        recipe,
+        resume: (!t.resume_dir.is_empty()).then(|| ResumePoint { dir: t.resume_dir, step: Step(t.start_step) }),
+        share: BatchShare { rank: Rank(t.rank), offset: t.batch_offset as usize, count: t.batch_count as usize },
+        attempt: t.attempt,
+    })
+}
+
+pub fn step_to_proto(a: &Assignment, worker: WorkerId, s: &StepStats) -> pb::StepReport {
+    pb::StepReport {
+        job_id: a.job.0,
+        worker_id: worker.0,
+        rank: a.rank.0,
+        step: s.step.0,
+        loss: s.loss,
+        tokens: s.tokens,
+        compute_s: s.compute_s,
+        comm_s: s.comm_s,
+        idle_s: 0.0,
+        peak_memory_bytes: s.peak_memory_bytes,
+        lr: s.lr,
+        grad_norm: s.grad_norm,
+    }
+}

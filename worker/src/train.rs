@@ -1,0 +1,246 @@
+//! One rank's part of a training job: data parallel with ZeRO-1.
+//!
+//! Every rank holds the full model. Per step it runs forward and backward on its rows of the
+//! global batch (the loss scaled by its share of the batch's tokens, so summed gradients are the
+//! global mean), reduce-scatters the flat gradient over the ring, clips by the global norm,
+//! applies AdamW to the chunk it owns (f32 moments for that chunk only), and all-gathers the
+//! updated parameters.
+
+use crate::checkpoint::{self, RankShard};
+use crate::comm::dataplane::DataPlane;
+use crate::comm::ring::{Aborter, Ring};
+use crate::data::{Dataset, SampleOrder, sample_rows};
+use crate::model::Llama;
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use swarm_kernels::{AdamW, adamw_step};
+use swarm_sharding::job::step_dir_name;
+use swarm_sharding::{Assignment, Manifest, ShardFile, Step, WorkerId};
+
+/// What a rank tells the coordinator while it trains.
+#[derive(Clone, Debug)]
+pub enum Report {
+    Step(StepStats),
+    Checkpoint { step: Step, dir: PathBuf, files: Vec<ShardFile>, rng_state: String, data_cursor: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct StepStats {
+    pub step: Step,
+    pub loss: f64,
+    pub tokens: u64,
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub peak_memory_bytes: u64,
+    pub bytes_sent: u64,
+}
+
+/// What training needs from the daemon.
+pub struct TrainContext {
+    pub worker: WorkerId,
+    pub data_plane: Arc<DataPlane>,
+    /// Called for every report, in order; an error stops training.
+    pub report: Box<dyn FnMut(Report) -> anyhow::Result<()> + Send>,
+    pub cancel: Arc<AtomicBool>,
+    pub aborter: Aborter,
+}
+
+/// The device this worker trains on.
+pub fn training_device() -> anyhow::Result<Device> {
+    Ok(Device::Cpu)
+}
+
+/// Peak resident memory of this process (VmHWM), 0 where unknown.
+pub fn peak_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The flat parameter vector, in `param_shapes` order.
+pub fn flatten_params(model: &Llama) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(model.num_params());
+    for p in &model.params {
+        out.extend(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Writes the flat vector back into the model's variables.
+pub fn unflatten_into(model: &Llama, flat: &[f32]) -> anyhow::Result<()> {
+    let mut off = 0;
+    for p in &model.params {
+        let n = p.var.elem_count();
+        let t = Tensor::from_slice(&flat[off..off + n], p.var.shape(), model.device())?;
+        p.var.set(&t)?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// Flat gradients; a parameter no gradient reached is an error, never a silent zero.
+fn flat_grads(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(model.num_params());
+    for p in &model.params {
+        let g = grads
+            .get(p.var.as_tensor())
+            .with_context(|| format!("no gradient reached {}: an op without a backward pass is in the model", p.name))?;
+        out.extend(g.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Ranges of the flat vector that take weight decay: matrices yes; norms and biases no.
+fn decay_segments(model: &Llama) -> Vec<(Range<usize>, bool)> {
+    let mut off = 0;
+    model
+        .params
+        .iter()
+        .map(|p| {
+            let n = p.var.elem_count();
+            let r = off..off + n;
+            off += n;
+            (r, p.var.rank() >= 2)
+        })
+        .collect()
+}
+
+fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
+    let p = dir.join(Manifest::FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
+    let recipe = &a.recipe;
+    let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
+    let t = &recipe.train;
+    let device = training_device()?;
+    let dataset = Dataset::open(&recipe.data.dataset)?;
+    if dataset.info().vocab_size as usize > spec.vocab_size {
+        bail!("data.dataset {} has a vocabulary of {}, more than the model's {}", recipe.data.dataset.display(), dataset.info().vocab_size, spec.vocab_size);
+    }
+    let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
+
+    // Model and optimizer state: from a committed checkpoint, a Hugging Face directory, or the seed.
+    let (model, resumed, start, mut cursor) = match &a.resume {
+        Some(rp) => {
+            let dir = Path::new(&rp.dir);
+            let manifest = read_manifest(dir)?;
+            if manifest.recipe.spec() != Some(spec) {
+                bail!("the checkpoint in {} has a different model shape than the recipe; resume with the recipe it was trained with", dir.display());
+            }
+            let (model, opt) = checkpoint::load(dir, &manifest, spec, &device)?;
+            (model, Some(opt), manifest.step, manifest.data_cursor)
+        }
+        None => {
+            let model = match &recipe.model.hf_dir {
+                Some(dir) if crate::model::weight_files(dir).is_ok() => Llama::load(spec, dir, &device)?,
+                _ => Llama::init(spec, t.seed, &device)?,
+            };
+            (model, None, Step(0), 0)
+        }
+    };
+    let mut params = flatten_params(&model)?;
+    let len = params.len();
+    let mut ring = Ring::connect(&ctx.data_plane, a.job, a.attempt, a.rank, &a.peers, &ctx.aborter)?;
+    let own = ring.own_range(len);
+    let (mut m, mut v, mut adam_step) = match resumed {
+        Some(o) => (o.exp_avg[own.clone()].to_vec(), o.exp_avg_sq[own.clone()].to_vec(), o.adam_step),
+        None => (vec![0f32; own.len()], vec![0f32; own.len()], 0),
+    };
+    let decay: Vec<(Range<usize>, bool)> = decay_segments(&model)
+        .into_iter()
+        .filter_map(|(r, d)| {
+            let s = r.start.max(own.start);
+            let e = r.end.min(own.end);
+            (s < e).then(|| (s - own.start..e - own.start, d))
+        })
+        .collect();
+    let (offset, count) = (a.share.offset, a.share.count);
+    let share = count as f64 / t.global_batch as f64;
+    tracing::info!(job = %a.job, rank = %a.rank, params = len, own = own.len(), start = %start, "training");
+
+    for step_no in start.0 + 1..=t.steps {
+        let step = Step(step_no);
+        if ctx.cancel.load(Ordering::Relaxed) {
+            bail!("cancelled at {step}");
+        }
+        let t0 = Instant::now();
+        let rows = sample_rows(&mut order, cursor + offset as u64, count);
+        let mut tokens = Vec::with_capacity(count * (t.seq_len + 1));
+        for w in rows {
+            tokens.extend(dataset.window(w, t.seq_len));
+        }
+        let windows = Tensor::from_vec(tokens, (count, t.seq_len + 1), &device)?;
+        let loss = model.loss(&windows)?;
+        let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        let grads = (loss * share)?.backward()?;
+        let mut grad = flat_grads(&model, &grads)?;
+        drop(grads);
+        let compute_fwd_bwd = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let own_range = ring.reduce_scatter(&mut grad)?;
+        let g = &mut grad[own_range];
+        let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+        let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();
+        let mut comm = t1.elapsed().as_secs_f64();
+
+        let t2 = Instant::now();
+        if !norm.is_finite() {
+            bail!("the gradient norm is {norm} at {step}; lower train.lr or check the data");
+        }
+        if t.grad_clip > 0.0 && norm > t.grad_clip {
+            let c = (t.grad_clip / norm) as f32;
+            g.iter_mut().for_each(|x| *x *= c);
+        }
+        let lr = recipe.lr_at(step_no);
+        adam_step += 1;
+        let p_own = &mut params[own.clone()];
+        for (r, decays) in &decay {
+            let cfg = AdamW { lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: if *decays { t.weight_decay } else { 0.0 } };
+            adamw_step(&cfg, adam_step, &mut p_own[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
+        }
+        let optim = t2.elapsed().as_secs_f64();
+
+        let t3 = Instant::now();
+        ring.all_gather(&mut params)?;
+        comm += t3.elapsed().as_secs_f64();
+        unflatten_into(&model, &params)?;
+        cursor += t.global_batch as u64;
+
+        (ctx.report)(Report::Step(StepStats {
+            step,
+            loss: loss_value,
+            tokens: (count * t.seq_len) as u64,
+            compute_s: compute_fwd_bwd + optim,
+            comm_s: comm,
+            lr,
+            grad_norm: norm,
+            peak_memory_bytes: peak_memory_bytes(),
+            bytes_sent: ring.bytes_sent(),
+        }))?;
+
+        if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
+            let dir = recipe.checkpoint.dir.join(step_dir_name(step));
+            let files = checkpoint::write_rank(
+                &dir,
+                spec,
+                &dataset.tokenizer_path(),
+                &RankShard { rank: a.rank, world: a.world_size, params: &params, range: own.clone(), exp_avg: &m, exp_avg_sq: &v, adam_step },
+            )?;
+            let rng_state = format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
+            (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })?;
+        }
+    }
+    Ok(Step(t.steps))
+}
