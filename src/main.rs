@@ -67,7 +67,10 @@ pub fn default_data_dir() -> PathBuf {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let quiet_default = matches!(args.command, Command::Train(_) | Command::Eval(_) | Command::Status(_) | Command::Data { .. } | Command::Bench { .. });
+    let quiet_default = matches!(
+        args.command,
+        Command::Train(_) | Command::Eval(_) | Command::Status(_) | Command::Data { .. } | Command::Bench { .. }
+    );
     cli::init_tracing(if quiet_default { "warn" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -33,7 +33,8 @@ pub fn commit(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
     }
     let final_path = dir.join(Manifest::FILE);
-    std::fs::rename(&tmp, &final_path).with_context(|| format!("renaming {} to {}", tmp.display(), final_path.display()))?;
+    std::fs::rename(&tmp, &final_path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -55,7 +56,8 @@ pub fn latest_committed(root: &Path) -> anyhow::Result<Option<ResumePoint>> {
         let Some(step) = name.to_str().and_then(parse_step_dir_name) else { continue };
         let manifest_path = entry.path().join(Manifest::FILE);
         let Ok(text) = std::fs::read_to_string(&manifest_path) else { continue };
-        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("reading {}", manifest_path.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("reading {}", manifest_path.display()))?;
         if m.step != step {
             bail!("{} says step {} but its directory is {}", manifest_path.display(), m.step.0, name.to_string_lossy());
         }

@@ -7,8 +7,7 @@ use crate::job::{CheckpointAgg, Job, JobState, Progress, RankResult, StepAgg};
 use std::collections::BTreeMap;
 use swarm_sharding::plan::split_batch;
 use swarm_sharding::{
-    Assignment, DeviceInfo, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step,
-    WorkerId,
+    Assignment, DeviceInfo, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step, WorkerId,
 };
 
 /// Timing of membership.
@@ -64,7 +63,11 @@ pub struct CheckpointReport {
 
 #[derive(Clone, Debug)]
 pub enum Event {
-    Register { name: String, devices: Vec<DeviceInfo>, data_addr: String },
+    Register {
+        name: String,
+        devices: Vec<DeviceInfo>,
+        data_addr: String,
+    },
     Heartbeat(WorkerId),
     /// The worker's assignment stream opened.
     Connected(WorkerId),
@@ -72,35 +75,78 @@ pub enum Event {
     Disconnected(WorkerId),
     /// Periodic: expire leases, start waiting jobs.
     Tick,
-    Submit { recipe: Box<Recipe>, nodes: usize, resume: Option<ResumePoint> },
+    Submit {
+        recipe: Box<Recipe>,
+        nodes: usize,
+        resume: Option<ResumePoint>,
+    },
     StepDone(StepReport),
     CheckpointWritten(CheckpointReport),
     /// The shell wrote the manifest (temporary name, then rename).
-    CheckpointCommitted { job: JobId, step: Step, dir: String },
-    CheckpointCommitFailed { job: JobId, step: Step, error: String },
-    JobResult { job: JobId, worker: WorkerId, rank: Rank, ok: bool, error: String, last_step: Step },
-    Cancel { job: JobId, reason: String },
+    CheckpointCommitted {
+        job: JobId,
+        step: Step,
+        dir: String,
+    },
+    CheckpointCommitFailed {
+        job: JobId,
+        step: Step,
+        error: String,
+    },
+    JobResult {
+        job: JobId,
+        worker: WorkerId,
+        rank: Rank,
+        ok: bool,
+        error: String,
+        last_step: Step,
+    },
+    Cancel {
+        job: JobId,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
-    Registered { worker: WorkerId, lease_ms: u64, heartbeat_interval_ms: u64 },
-    Heartbeat { known: bool },
+    Registered {
+        worker: WorkerId,
+        lease_ms: u64,
+        heartbeat_interval_ms: u64,
+    },
+    Heartbeat {
+        known: bool,
+    },
     Submitted(JobId),
     /// A report was taken; `cancel` tells the rank to stop.
-    Ack { cancel: Option<String> },
+    Ack {
+        cancel: Option<String>,
+    },
     Done,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Assign { worker: WorkerId, assignment: Box<Assignment> },
-    Cancel { worker: WorkerId, job: JobId, reason: String },
+    Assign {
+        worker: WorkerId,
+        assignment: Box<Assignment>,
+    },
+    Cancel {
+        worker: WorkerId,
+        job: JobId,
+        reason: String,
+    },
     /// Write `manifest` as `<dir>/manifest.json` atomically, then feed back
     /// `CheckpointCommitted` or `CheckpointCommitFailed`.
-    CommitCheckpoint { dir: String, manifest: Box<Manifest> },
+    CommitCheckpoint {
+        dir: String,
+        manifest: Box<Manifest>,
+    },
     /// Delete these committed checkpoint directories (older than the ones kept).
-    PruneCheckpoints { job: JobId, dirs: Vec<String> },
+    PruneCheckpoints {
+        job: JobId,
+        dirs: Vec<String>,
+    },
     /// Persist this job's record.
     SaveJob(JobId),
     /// Tell the job's watchers it changed.
@@ -209,7 +255,11 @@ impl Coordinator {
             }
             Event::Disconnected(w) => {
                 if self.workers.contains_key(&w) {
-                    self.lose_worker(w, "its connection to the coordinator closed (process killed or network cut)", &mut cmds);
+                    self.lose_worker(
+                        w,
+                        "its connection to the coordinator closed (process killed or network cut)",
+                        &mut cmds,
+                    );
                 }
                 Reply::Done
             }
@@ -283,7 +333,13 @@ impl Coordinator {
         Ok(Outcome { reply, commands: cmds })
     }
 
-    fn submit(&mut self, now_ms: u64, recipe: Recipe, nodes: usize, resume: Option<ResumePoint>) -> Result<JobId, Rejection> {
+    fn submit(
+        &mut self,
+        now_ms: u64,
+        recipe: Recipe,
+        nodes: usize,
+        resume: Option<ResumePoint>,
+    ) -> Result<JobId, Rejection> {
         recipe.validate().map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
         if recipe.spec().is_none() {
             return Err(Rejection::Invalid("recipe: model.spec is not resolved; submit through `swarm train`".into()));
@@ -395,7 +451,10 @@ impl Coordinator {
             return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
         }
         if !r.loss.is_finite() {
-            let reason = format!("{} reported a non-finite loss ({}) at {}; lower train.lr or check the data", r.rank, r.loss, r.step);
+            let reason = format!(
+                "{} reported a non-finite loss ({}) at {}; lower train.lr or check the data",
+                r.rank, r.loss, r.step
+            );
             let id = j.id;
             self.fail_job(id, reason.clone(), cmds);
             return Ok(Reply::Ack { cancel: Some(reason) });
@@ -429,7 +488,12 @@ impl Coordinator {
         Ok(Reply::Ack { cancel: None })
     }
 
-    fn checkpoint_written(&mut self, now_ms: u64, r: CheckpointReport, cmds: &mut Vec<Command>) -> Result<Reply, Rejection> {
+    fn checkpoint_written(
+        &mut self,
+        now_ms: u64,
+        r: CheckpointReport,
+        cmds: &mut Vec<Command>,
+    ) -> Result<Reply, Rejection> {
         let j = self.job_of(r.job, r.worker, r.rank)?;
         if j.state != JobState::Running {
             return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
@@ -449,7 +513,8 @@ impl Coordinator {
             self.fail_job(id, reason.clone(), cmds);
             return Ok(Reply::Ack { cancel: Some(reason) });
         }
-        agg.ranks.insert(r.rank, RankCheckpoint { rank: r.rank, worker: r.worker, files: r.files, rng_state: r.rng_state });
+        agg.ranks
+            .insert(r.rank, RankCheckpoint { rank: r.rank, worker: r.worker, files: r.files, rng_state: r.rng_state });
         if agg.ranks.len() == world {
             let agg = j.progress.checkpoints.remove(&r.step).expect("present");
             j.progress.commit_in_flight.insert(r.step);

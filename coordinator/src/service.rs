@@ -215,7 +215,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[tonic::async_trait]
 impl CoordinatorRpc for Service {
     #[instrument(skip_all, fields(name = %req.get_ref().name))]
-    async fn register_worker(&self, req: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+    async fn register_worker(
+        &self,
+        req: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let r = req.into_inner();
         let event = Event::Register {
             name: to_proto::text("name", r.name)?,
@@ -241,7 +244,10 @@ impl CoordinatorRpc for Service {
     type WatchAssignmentsStream = BoxStream<pb::Assignment>;
 
     #[instrument(skip_all, fields(worker = req.get_ref().worker_id))]
-    async fn watch_assignments(&self, req: Request<pb::WatchAssignmentsRequest>) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+    async fn watch_assignments(
+        &self,
+        req: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         let worker = WorkerId(req.into_inner().worker_id);
         let (tx, rx) = mpsc::channel(ASSIGNMENT_QUEUE);
         let generation = {
@@ -259,12 +265,18 @@ impl CoordinatorRpc for Service {
     async fn report_step(&self, req: Request<pb::StepReport>) -> Result<Response<pb::StepReportResponse>, Status> {
         let r = req.into_inner();
         match self.apply(Event::StepDone(to_proto::step_report_from_proto(&r)))? {
-            Reply::Ack { cancel } => Ok(Response::new(pb::StepReportResponse { cancel: cancel.is_some(), reason: cancel.unwrap_or_default() })),
+            Reply::Ack { cancel } => Ok(Response::new(pb::StepReportResponse {
+                cancel: cancel.is_some(),
+                reason: cancel.unwrap_or_default(),
+            })),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
-    async fn report_checkpoint(&self, req: Request<pb::CheckpointReport>) -> Result<Response<pb::CheckpointReportResponse>, Status> {
+    async fn report_checkpoint(
+        &self,
+        req: Request<pb::CheckpointReport>,
+    ) -> Result<Response<pb::CheckpointReportResponse>, Status> {
         let r = to_proto::checkpoint_from_proto(req.into_inner())?;
         match self.apply(Event::CheckpointWritten(r))? {
             Reply::Ack { cancel } => Ok(Response::new(pb::CheckpointReportResponse { accepted: cancel.is_none() })),
@@ -272,7 +284,10 @@ impl CoordinatorRpc for Service {
         }
     }
 
-    async fn report_job_result(&self, req: Request<pb::WorkerJobResult>) -> Result<Response<pb::WorkerJobResultResponse>, Status> {
+    async fn report_job_result(
+        &self,
+        req: Request<pb::WorkerJobResult>,
+    ) -> Result<Response<pb::WorkerJobResultResponse>, Status> {
         let r = req.into_inner();
         self.apply(Event::JobResult {
             job: JobId(r.job_id),
@@ -289,11 +304,17 @@ impl CoordinatorRpc for Service {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let r = req.into_inner();
         if r.recipe_json.len() > swarm_proto::limits::MAX_RECIPE_BYTES {
-            return Err(Status::invalid_argument(format!("the recipe is {} bytes; the limit is {}", r.recipe_json.len(), swarm_proto::limits::MAX_RECIPE_BYTES)));
+            return Err(Status::invalid_argument(format!(
+                "the recipe is {} bytes; the limit is {}",
+                r.recipe_json.len(),
+                swarm_proto::limits::MAX_RECIPE_BYTES
+            )));
         }
-        let recipe: Recipe = serde_json::from_str(&r.recipe_json).map_err(|e| Status::invalid_argument(format!("recipe: {e}")))?;
+        let recipe: Recipe =
+            serde_json::from_str(&r.recipe_json).map_err(|e| Status::invalid_argument(format!("recipe: {e}")))?;
         let resume = if r.resume {
-            let found = checkpoint::latest_committed(&recipe.checkpoint.dir).map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+            let found = checkpoint::latest_committed(&recipe.checkpoint.dir)
+                .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
             Some(found.ok_or_else(|| {
                 Status::failed_precondition(format!(
                     "--resume: no committed checkpoint under {}; run without --resume to start fresh",
@@ -334,7 +355,8 @@ impl CoordinatorRpc for Service {
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
         let r = req.into_inner();
-        let reason = if r.reason.is_empty() { "cancelled by the user".to_string() } else { to_proto::text("reason", r.reason)? };
+        let reason =
+            if r.reason.is_empty() { "cancelled by the user".to_string() } else { to_proto::text("reason", r.reason)? };
         self.apply(Event::Cancel { job: JobId(r.job_id), reason })?;
         Ok(Response::new(pb::CancelJobResponse {}))
     }

@@ -30,8 +30,17 @@ impl Store {
             detail: e.to_string(),
         })?;
         let path = data_dir.join("coordinator.redb");
-        let db = Database::create(&path).map_err(|source| StoreError::Open { path: path.clone(), source })?;
-        Ok(Store { db, path })
+        // A coordinator that was just killed may hold the file lock for a moment longer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Database::create(&path) {
+                Ok(db) => return Ok(Store { db, path }),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(source) => return Err(StoreError::Open { path, source }),
+            }
+        }
     }
 
     fn io(&self, what: &'static str, e: impl std::fmt::Display) -> StoreError {

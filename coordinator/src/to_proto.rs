@@ -19,7 +19,11 @@ pub fn status(r: Rejection) -> Status {
 
 pub fn text(field: &str, s: String) -> Result<String, Status> {
     if s.len() > limits::MAX_TEXT_BYTES {
-        return Err(Status::invalid_argument(format!("{field} is {} bytes; the limit is {}", s.len(), limits::MAX_TEXT_BYTES)));
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {}",
+            s.len(),
+            limits::MAX_TEXT_BYTES
+        )));
     }
     Ok(s)
 }
@@ -52,7 +56,11 @@ pub fn device_to_proto(d: &DeviceInfo) -> pb::Device {
 
 pub fn devices_from_proto(ds: Vec<pb::Device>) -> Result<Vec<DeviceInfo>, Status> {
     if ds.len() > limits::MAX_DEVICES {
-        return Err(Status::invalid_argument(format!("{} devices reported; the limit is {}", ds.len(), limits::MAX_DEVICES)));
+        return Err(Status::invalid_argument(format!(
+            "{} devices reported; the limit is {}",
+            ds.len(),
+            limits::MAX_DEVICES
+        )));
     }
     ds.into_iter().map(device_from_proto).collect()
 }
@@ -79,7 +87,9 @@ pub fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
 }
 
 pub fn cancel_to_proto(job: JobId, reason: &str) -> pb::Assignment {
-    pb::Assignment { kind: Some(pb::assignment::Kind::Cancel(pb::CancelAssignment { job_id: job.0, reason: reason.into() })) }
+    pb::Assignment {
+        kind: Some(pb::assignment::Kind::Cancel(pb::CancelAssignment { job_id: job.0, reason: reason.into() })),
+    }
 }
 
 pub fn step_report_from_proto(r: &pb::StepReport) -> StepReport {
@@ -95,7 +105,11 @@ pub fn step_report_from_proto(r: &pb::StepReport) -> StepReport {
 
 pub fn checkpoint_from_proto(r: pb::CheckpointReport) -> Result<CheckpointReport, Status> {
     if r.files.len() > limits::MAX_SHARD_FILES {
-        return Err(Status::invalid_argument(format!("{} shard files; the limit is {}", r.files.len(), limits::MAX_SHARD_FILES)));
+        return Err(Status::invalid_argument(format!(
+            "{} shard files; the limit is {}",
+            r.files.len(),
+            limits::MAX_SHARD_FILES
+        )));
     }
     Ok(CheckpointReport {
         job: JobId(r.job_id),
@@ -106,7 +120,13 @@ pub fn checkpoint_from_proto(r: pb::CheckpointReport) -> Result<CheckpointReport
         files: r
             .files
             .into_iter()
-            .map(|f| Ok(ShardFile { path: text("file.path", f.path)?, sha256: text("file.sha256", f.sha256)?, bytes: f.bytes }))
+            .map(|f| {
+                Ok(ShardFile {
+                    path: text("file.path", f.path)?,
+                    sha256: text("file.sha256", f.sha256)?,
+                    bytes: f.bytes,
+                })
+            })
             .collect::<Result<_, Status>>()?,
         rng_state: text("rng_state", r.rng_state)?,
         data_cursor: r.data_cursor,
@@ -142,7 +162,14 @@ pub fn worker_to_proto(w: &WorkerEntry, now_ms: u64) -> pb::WorkerStatus {
         name: w.name.clone(),
         devices: w.devices.iter().map(device_to_proto).collect(),
         data_addr: w.data_addr.clone(),
-        state: if w.job.is_some() { "busy" } else if w.connected { "idle" } else { "registering" }.into(),
+        state: if w.job.is_some() {
+            "busy"
+        } else if w.connected {
+            "idle"
+        } else {
+            "registering"
+        }
+        .into(),
         job_id: w.job.map_or(0, |j| j.0),
         last_seen_ms_ago: now_ms.saturating_sub(w.last_seen_ms),
     }

@@ -17,7 +17,14 @@ fn register(c: &mut Coordinator, now: u64, n: usize) -> Vec<WorkerId> {
     (0..n)
         .map(|i| {
             let out = c
-                .step(now, Event::Register { name: format!("host{i}"), devices: vec![], data_addr: format!("127.0.0.1:{}", 9000 + i) })
+                .step(
+                    now,
+                    Event::Register {
+                        name: format!("host{i}"),
+                        devices: vec![],
+                        data_addr: format!("127.0.0.1:{}", 9000 + i),
+                    },
+                )
                 .unwrap();
             let Reply::Registered { worker, .. } = out.reply else { panic!("{:?}", out.reply) };
             c.step(now, Event::Connected(worker)).unwrap();
@@ -35,7 +42,9 @@ fn submit(c: &mut Coordinator, now: u64, steps: u64, nodes: usize) -> (JobId, Ve
 fn assigns(cmds: &[Command]) -> Vec<(WorkerId, Rank, usize, usize)> {
     cmds.iter()
         .filter_map(|c| match c {
-            Command::Assign { worker, assignment } => Some((*worker, assignment.rank, assignment.share.offset, assignment.share.count)),
+            Command::Assign { worker, assignment } => {
+                Some((*worker, assignment.rank, assignment.share.offset, assignment.share.count))
+            }
             _ => None,
         })
         .collect()
@@ -72,7 +81,17 @@ fn job_waits_for_workers_then_runs_to_success() {
     for step in 1..=2u64 {
         for (r, w) in ws.iter().enumerate() {
             let out = c
-                .step(100 * step, Event::StepDone(StepReport { job, worker: *w, rank: Rank(r as u32), step: Step(step), loss: 2.0 + r as f64, tokens: 100 }))
+                .step(
+                    100 * step,
+                    Event::StepDone(StepReport {
+                        job,
+                        worker: *w,
+                        rank: Rank(r as u32),
+                        step: Step(step),
+                        loss: 2.0 + r as f64,
+                        tokens: 100,
+                    }),
+                )
                 .unwrap();
             assert_eq!(out.reply, Reply::Ack { cancel: None });
         }
@@ -80,15 +99,31 @@ fn job_waits_for_workers_then_runs_to_success() {
         assert_eq!(c.job(job).unwrap().loss, Some(2.5), "token-weighted mean of 2 and 3");
     }
     let out = c.step(300, ckpt(job, ws[0], 0, 2)).unwrap();
-    assert!(!out.commands.iter().any(|c| matches!(c, Command::CommitCheckpoint { .. })), "one rank is not a checkpoint");
+    assert!(
+        !out.commands.iter().any(|c| matches!(c, Command::CommitCheckpoint { .. })),
+        "one rank is not a checkpoint"
+    );
     let out = c.step(301, ckpt(job, ws[1], 1, 2)).unwrap();
-    let Some(Command::CommitCheckpoint { dir, manifest }) = out.commands.iter().find(|c| matches!(c, Command::CommitCheckpoint { .. })) else {
+    let Some(Command::CommitCheckpoint { dir, manifest }) =
+        out.commands.iter().find(|c| matches!(c, Command::CommitCheckpoint { .. }))
+    else {
         panic!("{:?}", out.commands)
     };
     assert_eq!(manifest.ranks.len(), 2);
     assert_eq!(manifest.data_cursor, 8);
     for (r, w) in ws.iter().enumerate() {
-        c.step(302, Event::JobResult { job, worker: *w, rank: Rank(r as u32), ok: true, error: String::new(), last_step: Step(2) }).unwrap();
+        c.step(
+            302,
+            Event::JobResult {
+                job,
+                worker: *w,
+                rank: Rank(r as u32),
+                ok: true,
+                error: String::new(),
+                last_step: Step(2),
+            },
+        )
+        .unwrap();
     }
     assert_eq!(c.job(job).unwrap().state, JobState::Running, "not done before the manifest is committed");
     c.step(303, Event::CheckpointCommitted { job, step: Step(2), dir: dir.clone() }).unwrap();
@@ -138,7 +173,18 @@ fn rank_failure_is_reported_with_its_error() {
     let mut c = Coordinator::new(Config::default());
     let ws = register(&mut c, 0, 2);
     let (job, _) = submit(&mut c, 0, 10, 2);
-    c.step(5, Event::JobResult { job, worker: ws[1], rank: Rank(1), ok: false, error: "dataset missing".into(), last_step: Step(0) }).unwrap();
+    c.step(
+        5,
+        Event::JobResult {
+            job,
+            worker: ws[1],
+            rank: Rank(1),
+            ok: false,
+            error: "dataset missing".into(),
+            last_step: Step(0),
+        },
+    )
+    .unwrap();
     let e = c.job(job).unwrap().error.clone().unwrap();
     assert!(e.contains("dataset missing") && e.contains("rank1"), "{e}");
 }
@@ -149,7 +195,10 @@ fn reports_from_strangers_are_rejected() {
     let ws = register(&mut c, 0, 2);
     let (job, _) = submit(&mut c, 0, 10, 1);
     let other = if c.job(job).unwrap().workers[0] == ws[0] { ws[1] } else { ws[0] };
-    let e = c.step(1, Event::StepDone(StepReport { job, worker: other, rank: Rank(0), step: Step(1), loss: 1.0, tokens: 1 }));
+    let e = c.step(
+        1,
+        Event::StepDone(StepReport { job, worker: other, rank: Rank(0), step: Step(1), loss: 1.0, tokens: 1 }),
+    );
     assert!(e.is_err());
 }
 
@@ -158,7 +207,12 @@ fn non_finite_loss_fails_the_job() {
     let mut c = Coordinator::new(Config::default());
     let ws = register(&mut c, 0, 1);
     let (job, _) = submit(&mut c, 0, 10, 1);
-    let out = c.step(1, Event::StepDone(StepReport { job, worker: ws[0], rank: Rank(0), step: Step(1), loss: f64::NAN, tokens: 1 })).unwrap();
+    let out = c
+        .step(
+            1,
+            Event::StepDone(StepReport { job, worker: ws[0], rank: Rank(0), step: Step(1), loss: f64::NAN, tokens: 1 }),
+        )
+        .unwrap();
     assert!(matches!(out.reply, Reply::Ack { cancel: Some(_) }));
     assert_eq!(c.job(job).unwrap().state, JobState::Failed);
 }
@@ -172,7 +226,9 @@ fn old_checkpoints_are_pruned_to_keep() {
     for step in [2u64, 4] {
         let out = c.step(step, ckpt(job, ws[0], 0, step)).unwrap();
         assert!(out.commands.iter().any(|c| matches!(c, Command::CommitCheckpoint { .. })));
-        let out = c.step(step, Event::CheckpointCommitted { job, step: Step(step), dir: format!("c/step-{step:06}") }).unwrap();
+        let out = c
+            .step(step, Event::CheckpointCommitted { job, step: Step(step), dir: format!("c/step-{step:06}") })
+            .unwrap();
         for cmd in out.commands {
             if let Command::PruneCheckpoints { dirs, .. } = cmd {
                 pruned.extend(dirs);
@@ -199,7 +255,14 @@ fn recovery_interrupts_unfinished_jobs() {
 fn resume_past_the_end_is_refused() {
     let mut c = Coordinator::new(Config::default());
     let e = c
-        .step(0, Event::Submit { recipe: Box::new(recipe(10, 4)), nodes: 1, resume: Some(swarm_sharding::ResumePoint { dir: "x".into(), step: Step(10) }) })
+        .step(
+            0,
+            Event::Submit {
+                recipe: Box::new(recipe(10, 4)),
+                nodes: 1,
+                resume: Some(swarm_sharding::ResumePoint { dir: "x".into(), step: Step(10) }),
+            },
+        )
         .err()
         .unwrap();
     assert!(e.to_string().contains("raise train.steps"), "{e}");

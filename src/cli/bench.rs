@@ -68,7 +68,13 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         if timed == 0 || secs <= 0.0 {
             bail!("too few steps were observed to time the run on {n} worker(s)");
         }
-        rows.push(Row { nodes: n, timed_steps: timed, seconds: secs, tokens_per_s: timed as f64 * tokens_per_step / secs, final_loss: status.loss });
+        rows.push(Row {
+            nodes: n,
+            timed_steps: timed,
+            seconds: secs,
+            tokens_per_s: timed as f64 * tokens_per_step / secs,
+            final_loss: status.loss,
+        });
     }
     let _ = std::fs::remove_dir_all(&scratch);
     let spec = recipe.spec().context("resolved above")?;
@@ -77,7 +83,10 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             .iter()
             .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss}))
             .collect();
-        println!("{}", serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": tokens_per_step, "runs": out}));
+        println!(
+            "{}",
+            serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": tokens_per_step, "runs": out})
+        );
         return Ok(());
     }
     println!(
@@ -91,7 +100,14 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     println!("{:>6} | {:>8} | {:>10} | {:>10} | {:>10}", "nodes", "steps", "s/step", "tokens/s", "final loss");
     println!("{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<10}", "", "", "", "", "");
     for r in &rows {
-        println!("{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>10.4}", r.nodes, r.timed_steps, r.seconds / r.timed_steps as f64, r.tokens_per_s, r.final_loss);
+        println!(
+            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>10.4}",
+            r.nodes,
+            r.timed_steps,
+            r.seconds / r.timed_steps as f64,
+            r.tokens_per_s,
+            r.final_loss
+        );
     }
     Ok(())
 }

@@ -29,9 +29,16 @@ pub struct PrepareArgs {
 }
 
 pub async fn run(a: PrepareArgs) -> anyhow::Result<()> {
-    let opts = PrepareOptions { vocab_size: a.vocab_size, tokenizer: a.tokenizer, max_bytes: a.max_bytes, text_field: a.text_field };
+    let opts = PrepareOptions {
+        vocab_size: a.vocab_size,
+        tokenizer: a.tokenizer,
+        max_bytes: a.max_bytes,
+        text_field: a.text_field,
+    };
     let json = a.json;
-    let info = tokio::task::spawn_blocking(move || super::recipe::prepare_with_progress(&a.input, &a.out, &opts, !json)).await??;
+    let info =
+        tokio::task::spawn_blocking(move || super::recipe::prepare_with_progress(&a.input, &a.out, &opts, !json))
+            .await??;
     if json {
         println!(
             "{}",

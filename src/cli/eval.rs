@@ -22,7 +22,10 @@ pub struct EvalArgs {
 }
 
 pub async fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let r = tokio::task::spawn_blocking(move || swarm_worker::eval::evaluate(&a.model, &a.text, a.seq_len, a.batch).map(|r| (r, a.json))).await??;
+    let r = tokio::task::spawn_blocking(move || {
+        swarm_worker::eval::evaluate(&a.model, &a.text, a.seq_len, a.batch).map(|r| (r, a.json))
+    })
+    .await??;
     let (r, json) = r;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -44,15 +44,30 @@ impl LocalCluster {
             for _ in lines {} // drain, so the coordinator never blocks on a full pipe
         });
         let first = rx.recv_timeout(Duration::from_secs(30)).ok().and_then(|l| l.and_then(Result::ok));
-        let Some(addr) = first.as_deref().and_then(|l| l.strip_prefix("swarm coordinator listening on ")).map(str::to_string) else {
+        let Some(addr) =
+            first.as_deref().and_then(|l| l.strip_prefix("swarm coordinator listening on ")).map(str::to_string)
+        else {
             let _ = coordinator.kill();
             bail!("the local coordinator did not start; see {}", log_dir.join("coordinator.log").display());
         };
-        let mut cluster = LocalCluster { addr: addr.clone(), log_dir: log_dir.to_path_buf(), coordinator, workers: Vec::new() };
+        let mut cluster =
+            LocalCluster { addr: addr.clone(), log_dir: log_dir.to_path_buf(), coordinator, workers: Vec::new() };
         for i in 0..nodes {
             let name = format!("local-{i}");
             let child = Command::new(&exe)
-                .args(["worker", "--coordinator", &addr, "--name", &name, "--data-listen", "127.0.0.1:0", "--advertise-host", "127.0.0.1", "--exit-with-parent", &me])
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &addr,
+                    "--name",
+                    &name,
+                    "--data-listen",
+                    "127.0.0.1:0",
+                    "--advertise-host",
+                    "127.0.0.1",
+                    "--exit-with-parent",
+                    &me,
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(log_dir, &format!("worker-{i}.log"))?)
@@ -70,7 +85,10 @@ impl LocalCluster {
         }
         for (i, w) in self.workers.iter_mut().enumerate() {
             if let Some(status) = w.try_wait()? {
-                bail!("local worker {i} exited ({status}); see {}", self.log_dir.join(format!("worker-{i}.log")).display());
+                bail!(
+                    "local worker {i} exited ({status}); see {}",
+                    self.log_dir.join(format!("worker-{i}.log")).display()
+                );
             }
         }
         Ok(())

@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use swarm_sharding::Recipe;
-use swarm_worker::data::{self, Dataset, PreparePhase, PrepareOptions, corpus};
+use swarm_worker::data::{self, Dataset, PrepareOptions, PreparePhase, corpus};
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -42,20 +42,34 @@ pub fn ensure_dataset(r: &Recipe, path: &Path, show_progress: bool) -> anyhow::R
         bail!("recipe {}: data.prepare_from = {source}: {} does not exist", path.display(), input.display());
     }
     let tokenizer = r.model.hf_dir.as_ref().map(|d| d.join("tokenizer.json")).filter(|p| p.is_file());
-    let opts = PrepareOptions { vocab_size: r.data.vocab_size, tokenizer, max_bytes: r.data.max_bytes, text_field: "text".into() };
+    let opts = PrepareOptions {
+        vocab_size: r.data.vocab_size,
+        tokenizer,
+        max_bytes: r.data.max_bytes,
+        text_field: "text".into(),
+    };
     prepare_with_progress(&[input], out, &opts, show_progress)?;
     Ok(())
 }
 
 /// Runs `data::prepare` with a spinner.
-pub fn prepare_with_progress(inputs: &[PathBuf], out: &Path, opts: &PrepareOptions, show: bool) -> anyhow::Result<data::DatasetInfo> {
+pub fn prepare_with_progress(
+    inputs: &[PathBuf],
+    out: &Path,
+    opts: &PrepareOptions,
+    show: bool,
+) -> anyhow::Result<data::DatasetInfo> {
     let pb = if show { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
-    pb.set_style(ProgressStyle::with_template("{spinner} preparing {prefix}: {msg} [{elapsed}]").expect("valid template"));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} preparing {prefix}: {msg} [{elapsed}]").expect("valid template"),
+    );
     pb.set_prefix(out.display().to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     let info = data::prepare(inputs, out, opts, &mut |p| {
         let what = match p.phase {
-            PreparePhase::Reading => format!("reading {}/{} files, {:.1} MB", p.files_done, p.files_total, p.bytes as f64 / 1e6),
+            PreparePhase::Reading => {
+                format!("reading {}/{} files, {:.1} MB", p.files_done, p.files_total, p.bytes as f64 / 1e6)
+            }
             PreparePhase::Training => format!("training the tokenizer on {:.1} MB", p.bytes as f64 / 1e6),
             PreparePhase::Encoding => format!("tokenizing: {} documents, {} tokens", p.documents, p.tokens),
             PreparePhase::Writing => "writing".into(),
@@ -71,7 +85,11 @@ pub fn prepare_with_progress(inputs: &[PathBuf], out: &Path, opts: &PrepareOptio
             info.n_tokens,
             info.n_documents,
             info.vocab_size,
-            if info.skipped.is_empty() { String::new() } else { format!(", {} non-UTF-8 files skipped", info.skipped.len()) }
+            if info.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} non-UTF-8 files skipped", info.skipped.len())
+            }
         );
     }
     Ok(info)
@@ -81,11 +99,15 @@ pub fn prepare_with_progress(inputs: &[PathBuf], out: &Path, opts: &PrepareOptio
 /// dataset holds at least one window.
 pub fn resolve(r: &mut Recipe, path: &Path) -> anyhow::Result<()> {
     let ds = Dataset::open(&r.data.dataset)?;
-    let config = match &r.model.hf_dir {
-        Some(d) => Some(std::fs::read_to_string(d.join("config.json")).with_context(|| format!("recipe {}: model.hf_dir = {}: no config.json", path.display(), d.display()))?),
-        None => None,
-    };
-    r.resolve_model(config.as_deref(), ds.info().vocab_size as usize).map_err(|e| anyhow::anyhow!("recipe {}: {e}", path.display()))?;
+    let config =
+        match &r.model.hf_dir {
+            Some(d) => Some(std::fs::read_to_string(d.join("config.json")).with_context(|| {
+                format!("recipe {}: model.hf_dir = {}: no config.json", path.display(), d.display())
+            })?),
+            None => None,
+        };
+    r.resolve_model(config.as_deref(), ds.info().vocab_size as usize)
+        .map_err(|e| anyhow::anyhow!("recipe {}: {e}", path.display()))?;
     ds.sample_order(r.train.seq_len, r.train.seed)?;
     Ok(())
 }

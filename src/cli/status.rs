@@ -56,20 +56,40 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<()> {
             })
             .collect();
         let jobs: Vec<_> = s.jobs.iter().map(job_json).collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"coordinator": addr, "version": s.coordinator_version, "workers": workers, "jobs": jobs}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"coordinator": addr, "version": s.coordinator_version, "workers": workers, "jobs": jobs})
+            )?
+        );
         return Ok(());
     }
     println!("coordinator {addr} (swarm {})", s.coordinator_version);
     println!("\nWORKERS ({})", s.workers.len());
     for w in &s.workers {
-        let devs: Vec<String> = w.devices.iter().map(|d| format!("{} {} ({:.2} TFLOP/s, {:.1} GiB)", d.kind, d.name, d.measured_tflops, d.memory_bytes as f64 / (1u64 << 30) as f64)).collect();
+        let devs: Vec<String> = w
+            .devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} ({:.2} TFLOP/s, {:.1} GiB)",
+                    d.kind,
+                    d.name,
+                    d.measured_tflops,
+                    d.memory_bytes as f64 / (1u64 << 30) as f64
+                )
+            })
+            .collect();
         let job = if w.job_id != 0 { format!(" job-{}", w.job_id) } else { String::new() };
         println!("  w{:<4} {:<16} {:<6}{job}  {}", w.worker_id, w.name, w.state, devs.join("; "));
     }
     println!("\nJOBS ({})", s.jobs.len());
     for j in &s.jobs {
         let loss = if j.loss.is_finite() { format!("loss {:.4}", j.loss) } else { "loss -".into() };
-        println!("  job-{:<4} {:<16} {:<11} step {}/{}  {loss}  nodes {}", j.job_id, j.name, j.state, j.step, j.total_steps, j.nodes);
+        println!(
+            "  job-{:<4} {:<16} {:<11} step {}/{}  {loss}  nodes {}",
+            j.job_id, j.name, j.state, j.step, j.total_steps, j.nodes
+        );
         if !j.error.is_empty() {
             println!("           {}", j.error);
         }

@@ -56,9 +56,11 @@ pub async fn submit_and_follow(
     let tty = show && std::io::stderr().is_terminal();
     let pb = if tty { ProgressBar::new(recipe.train.steps) } else { ProgressBar::hidden() };
     pb.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps | {msg} | ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps | {msg} | ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_prefix(format!("job-{job}"));
     pb.set_message(format!("waiting for {nodes} worker(s)"));
@@ -112,7 +114,8 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     if a.nodes == 0 {
         bail!("--nodes must be at least 1, got 0");
     }
-    split_batch(a.nodes, recipe.train.global_batch).map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
+    split_batch(a.nodes, recipe.train.global_batch)
+        .map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
     let show = !a.json;
     super::recipe::ensure_dataset(&recipe, &a.recipe, show)?;
     super::recipe::resolve(&mut recipe, &a.recipe)?;
@@ -123,12 +126,18 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     let addr = if !a.local && connect(&addr).await.is_ok() {
         addr
     } else if explicit && !a.local {
-        bail!("no coordinator answers at {addr}; start one with `swarm up`, or leave out --coordinator to train on this machine");
+        bail!(
+            "no coordinator answers at {addr}; start one with `swarm up`, or leave out --coordinator to train on this machine"
+        );
     } else {
         let state = recipe.checkpoint.dir.join("coordinator");
         let logs = recipe.checkpoint.dir.join("logs");
         if show {
-            eprintln!("no coordinator at {addr}: starting a local one with {} worker(s) (logs in {})", a.nodes, logs.display());
+            eprintln!(
+                "no coordinator at {addr}: starting a local one with {} worker(s) (logs in {})",
+                a.nodes,
+                logs.display()
+            );
         }
         let cluster = LocalCluster::start(a.nodes, &state, &logs)?;
         let addr = cluster.addr.clone();

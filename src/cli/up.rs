@@ -27,15 +27,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let data_dir = a.data_dir.unwrap_or_else(crate::default_data_dir);
     let config = Config { lease_ms: a.lease_ms, heartbeat_interval_ms: (a.lease_ms / 6).clamp(100, 5000) };
     let svc = Service::open(&data_dir, config)?;
-    let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr()?;
-    let shown = if addr.ip().is_unspecified() { format!("<this-machine's-address>:{}", addr.port()) } else { addr.to_string() };
+    let shown =
+        if addr.ip().is_unspecified() { format!("<this-machine's-address>:{}", addr.port()) } else { addr.to_string() };
     // The first line of stdout is read by `swarm train` when it starts a local coordinator.
-    println!("swarm coordinator listening on {addr}");
-    println!("  state:  {}", data_dir.display());
-    println!("  join:   swarm worker --coordinator {shown}");
-    println!("  train:  swarm train --coordinator {shown} --nodes N --recipe RECIPE.yaml");
-    std::io::stdout().flush()?;
+    // Write errors are ignored: a coordinator must not die because nobody reads its stdout.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "swarm coordinator listening on {addr}");
+    let _ = writeln!(out, "  state:  {}", data_dir.display());
+    let _ = writeln!(out, "  join:   swarm worker --coordinator {shown}");
+    let _ = writeln!(out, "  train:  swarm train --coordinator {shown} --nodes N --recipe RECIPE.yaml");
+    let _ = out.flush();
     let ticker = svc.spawn_ticker();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()

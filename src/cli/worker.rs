@@ -22,7 +22,9 @@ pub struct WorkerArgs {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "worker".into())
 }
 
 pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {

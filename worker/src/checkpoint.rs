@@ -47,7 +47,11 @@ fn write_atomic(dir: &Path, name: &str, write: impl FnOnce(&Path) -> anyhow::Res
     Ok(ShardFile { path: name.to_string(), sha256: sha256_file(&path)?, bytes: std::fs::metadata(&path)?.len() })
 }
 
-fn save_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], meta: HashMap<String, String>) -> anyhow::Result<()> {
+fn save_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    meta: HashMap<String, String>,
+) -> anyhow::Result<()> {
     let views = tensors
         .iter()
         .map(|(n, shape, bytes)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
@@ -97,7 +101,12 @@ pub fn write_rank(dir: &Path, spec: &ModelSpec, tokenizer: &Path, s: &RankShard<
     }
     let n = s.range.len();
     if s.exp_avg.len() != n || s.exp_avg_sq.len() != n {
-        bail!("optimizer shard of {} has {} / {} values for a range of {n}", s.rank, s.exp_avg.len(), s.exp_avg_sq.len());
+        bail!(
+            "optimizer shard of {} has {} / {} values for a range of {n}",
+            s.rank,
+            s.exp_avg.len(),
+            s.exp_avg_sq.len()
+        );
     }
     let tensors = vec![
         ("exp_avg".to_string(), vec![n], f32_bytes(s.exp_avg)),
@@ -123,7 +132,12 @@ pub struct FullOptimState {
 
 /// Loads a committed checkpoint: checks every file against the manifest's checksum, then
 /// reads the model and the optimizer state.
-pub fn load(dir: &Path, manifest: &Manifest, spec: &ModelSpec, device: &candle_core::Device) -> anyhow::Result<(Llama, FullOptimState)> {
+pub fn load(
+    dir: &Path,
+    manifest: &Manifest,
+    spec: &ModelSpec,
+    device: &candle_core::Device,
+) -> anyhow::Result<(Llama, FullOptimState)> {
     for r in &manifest.ranks {
         for f in &r.files {
             let p = dir.join(&f.path);
@@ -143,14 +157,19 @@ pub fn load(dir: &Path, manifest: &Manifest, spec: &ModelSpec, device: &candle_c
         let name = optim_file_name(r.rank, manifest.world_size);
         let p = dir.join(&name);
         let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("reading {}", p.display()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("reading {}", p.display()))?;
         let info = meta.metadata().clone().unwrap_or_default();
         let num = |k: &str| -> anyhow::Result<usize> {
             info.get(k).and_then(|v| v.parse().ok()).with_context(|| format!("{}: metadata {k} missing", p.display()))
         };
         let (start, end) = (num("start")?, num("end")?);
         if num("total")? != total || end > total || start > end {
-            bail!("{}: range {start}..{end} of {} does not fit a model of {total} parameters", p.display(), num("total")?);
+            bail!(
+                "{}: range {start}..{end} of {} does not fit a model of {total} parameters",
+                p.display(),
+                num("total")?
+            );
         }
         let step = num("adam_step")? as u64;
         if *adam_step.get_or_insert(step) != step {

@@ -112,7 +112,13 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 }
 
 /// One registration's life: heartbeats plus the assignment stream; returns when either ends.
-async fn serve(client: Client, worker: WorkerId, heartbeat_ms: u64, dp: Arc<DataPlane>, running: Arc<Mutex<Option<Running>>>) -> anyhow::Result<()> {
+async fn serve(
+    client: Client,
+    worker: WorkerId,
+    heartbeat_ms: u64,
+    dp: Arc<DataPlane>,
+    running: Arc<Mutex<Option<Running>>>,
+) -> anyhow::Result<()> {
     let mut hb_client = client.clone();
     let heartbeats = async move {
         let mut every = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100)));
@@ -126,7 +132,8 @@ async fn serve(client: Client, worker: WorkerId, heartbeat_ms: u64, dp: Arc<Data
     };
     let mut stream_client = client.clone();
     let assignments = async move {
-        let mut stream = stream_client.watch_assignments(pb::WatchAssignmentsRequest { worker_id: worker.0 }).await?.into_inner();
+        let mut stream =
+            stream_client.watch_assignments(pb::WatchAssignmentsRequest { worker_id: worker.0 }).await?.into_inner();
         while let Some(msg) = stream.message().await? {
             match msg.kind {
                 Some(pb::assignment::Kind::Train(t)) => {
@@ -156,7 +163,14 @@ async fn serve(client: Client, worker: WorkerId, heartbeat_ms: u64, dp: Arc<Data
     }
 }
 
-async fn report_result(client: &mut Client, job: JobId, worker: WorkerId, rank: u32, result: Result<u64, String>, last_step: u64) {
+async fn report_result(
+    client: &mut Client,
+    job: JobId,
+    worker: WorkerId,
+    rank: u32,
+    result: Result<u64, String>,
+    last_step: u64,
+) {
     let (ok, error) = match result {
         Ok(_) => (true, String::new()),
         Err(e) => (false, e),
@@ -169,7 +183,13 @@ async fn report_result(client: &mut Client, job: JobId, worker: WorkerId, rank: 
     }
 }
 
-async fn start_job(client: Client, worker: WorkerId, a: Assignment, dp: Arc<DataPlane>, running: Arc<Mutex<Option<Running>>>) {
+async fn start_job(
+    client: Client,
+    worker: WorkerId,
+    a: Assignment,
+    dp: Arc<DataPlane>,
+    running: Arc<Mutex<Option<Running>>>,
+) {
     let mut slot = running.lock().await;
     if let Some(r) = slot.as_ref() {
         let msg = format!("{worker} is still running {}", r.job);
@@ -209,7 +229,10 @@ async fn start_job(client: Client, worker: WorkerId, a: Assignment, dp: Arc<Data
                                 rank: a2.rank.0,
                                 step: step.0,
                                 dir: dir.display().to_string(),
-                                files: files.into_iter().map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes }).collect(),
+                                files: files
+                                    .into_iter()
+                                    .map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes })
+                                    .collect(),
                                 rng_state,
                                 data_cursor,
                             };
@@ -232,7 +255,9 @@ async fn start_job(client: Client, worker: WorkerId, a: Assignment, dp: Arc<Data
             let ctx = TrainContext {
                 worker,
                 data_plane: dp,
-                report: Box::new(move |r| tx.blocking_send(r).map_err(|_| anyhow::anyhow!("the report channel closed"))),
+                report: Box::new(move |r| {
+                    tx.blocking_send(r).map_err(|_| anyhow::anyhow!("the report channel closed"))
+                }),
                 cancel: cancel.clone(),
                 aborter,
             };

@@ -7,14 +7,21 @@ use swarm_sharding::{DeviceInfo, DeviceKind};
 fn meminfo(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
@@ -40,7 +47,9 @@ fn nvidia_gpus() -> Vec<DeviceInfo> {
     let Ok(dirs) = std::fs::read_dir("/proc/driver/nvidia/gpus") else { return Vec::new() };
     let mut names: Vec<String> = dirs
         .filter_map(|d| std::fs::read_to_string(d.ok()?.path().join("information")).ok())
-        .filter_map(|info| info.lines().find(|l| l.starts_with("Model:")).map(|l| l["Model:".len()..].trim().to_string()))
+        .filter_map(|info| {
+            info.lines().find(|l| l.starts_with("Model:")).map(|l| l["Model:".len()..].trim().to_string())
+        })
         .collect();
     names.sort();
     names

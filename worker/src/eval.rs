@@ -25,7 +25,8 @@ pub struct EvalResult {
 /// Reads `config.json` of a model directory.
 pub fn read_spec(dir: &Path) -> anyhow::Result<ModelSpec> {
     let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: no config.json; is this a model directory?", dir.display()))?;
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: no config.json; is this a model directory?", dir.display()))?;
     ModelSpec::from_hf_config(&text, &p.display().to_string()).map_err(anyhow::Error::msg)
 }
 
@@ -37,7 +38,10 @@ pub fn evaluate(model_dir: &Path, text: &Path, seq_len: usize, batch: usize) -> 
     }
     let spec = read_spec(model_dir)?;
     if seq_len > spec.max_position_embeddings {
-        bail!("--seq-len {seq_len} is longer than the model's max_position_embeddings ({})", spec.max_position_embeddings);
+        bail!(
+            "--seq-len {seq_len} is longer than the model's max_position_embeddings ({})",
+            spec.max_position_embeddings
+        );
     }
     let tokenizer = model_dir.join("tokenizer.json");
     let ids = encode_file(&tokenizer, text)?;
@@ -46,7 +50,11 @@ pub fn evaluate(model_dir: &Path, text: &Path, seq_len: usize, batch: usize) -> 
     }
     let windows = ids.len() / seq_len;
     if windows == 0 {
-        bail!("{} has {} tokens, fewer than one window of --seq-len {seq_len}; use a longer text or a shorter --seq-len", text.display(), ids.len());
+        bail!(
+            "{} has {} tokens, fewer than one window of --seq-len {seq_len}; use a longer text or a shorter --seq-len",
+            text.display(),
+            ids.len()
+        );
     }
     let device = candle_core::Device::Cpu;
     let model = Llama::load(&spec, model_dir, &device)?;

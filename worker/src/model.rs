@@ -124,8 +124,13 @@ impl Llama {
         for (name, shape) in param_shapes(spec) {
             let t = match found.remove(&name) {
                 Some(t) => t,
-                None if name == "lm_head.weight" => bail!("{}: lm_head.weight is missing (tie_word_embeddings is false in config.json)", dir.display()),
-                None => bail!("{}: tensor {name} is missing; is this a Llama-family checkpoint of the shape in config.json?", dir.display()),
+                None if name == "lm_head.weight" => {
+                    bail!("{}: lm_head.weight is missing (tie_word_embeddings is false in config.json)", dir.display())
+                }
+                None => bail!(
+                    "{}: tensor {name} is missing; is this a Llama-family checkpoint of the shape in config.json?",
+                    dir.display()
+                ),
             };
             if t.dims() != shape.as_slice() {
                 bail!("{}: tensor {name} has shape {:?}, config.json implies {:?}", dir.display(), t.dims(), shape);
@@ -172,7 +177,10 @@ impl Llama {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok((Tensor::from_vec(cos, (seq_len, hd / 2), &self.device)?, Tensor::from_vec(sin, (seq_len, hd / 2), &self.device)?))
+        Ok((
+            Tensor::from_vec(cos, (seq_len, hd / 2), &self.device)?,
+            Tensor::from_vec(sin, (seq_len, hd / 2), &self.device)?,
+        ))
     }
 
     /// Logits `[batch * seq, vocab]` for token ids `[batch, seq]`.
@@ -242,7 +250,8 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
         let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
         let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
@@ -251,4 +260,3 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     }
     bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
 }
-

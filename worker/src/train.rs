@@ -61,7 +61,9 @@ pub fn training_device() -> anyhow::Result<Device> {
 pub fn peak_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -90,9 +92,9 @@ pub fn unflatten_into(model: &Llama, flat: &[f32]) -> anyhow::Result<()> {
 fn flat_grads(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Vec<f32>> {
     let mut out = Vec::with_capacity(model.num_params());
     for p in &model.params {
-        let g = grads
-            .get(p.var.as_tensor())
-            .with_context(|| format!("no gradient reached {}: an op without a backward pass is in the model", p.name))?;
+        let g = grads.get(p.var.as_tensor()).with_context(|| {
+            format!("no gradient reached {}: an op without a backward pass is in the model", p.name)
+        })?;
         out.extend(g.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
@@ -126,7 +128,12 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let device = training_device()?;
     let dataset = Dataset::open(&recipe.data.dataset)?;
     if dataset.info().vocab_size as usize > spec.vocab_size {
-        bail!("data.dataset {} has a vocabulary of {}, more than the model's {}", recipe.data.dataset.display(), dataset.info().vocab_size, spec.vocab_size);
+        bail!(
+            "data.dataset {} has a vocabulary of {}, more than the model's {}",
+            recipe.data.dataset.display(),
+            dataset.info().vocab_size,
+            spec.vocab_size
+        );
     }
     let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
 
@@ -136,7 +143,10 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             let dir = Path::new(&rp.dir);
             let manifest = read_manifest(dir)?;
             if manifest.recipe.spec() != Some(spec) {
-                bail!("the checkpoint in {} has a different model shape than the recipe; resume with the recipe it was trained with", dir.display());
+                bail!(
+                    "the checkpoint in {} has a different model shape than the recipe; resume with the recipe it was trained with",
+                    dir.display()
+                );
             }
             let (model, opt) = checkpoint::load(dir, &manifest, spec, &device)?;
             (model, Some(opt), manifest.step, manifest.data_cursor)
@@ -207,7 +217,13 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         adam_step += 1;
         let p_own = &mut params[own.clone()];
         for (r, decays) in &decay {
-            let cfg = AdamW { lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: if *decays { t.weight_decay } else { 0.0 } };
+            let cfg = AdamW {
+                lr,
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: if *decays { t.weight_decay } else { 0.0 },
+            };
             adamw_step(&cfg, adam_step, &mut p_own[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
         }
         let optim = t2.elapsed().as_secs_f64();
@@ -236,9 +252,18 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 &dir,
                 spec,
                 &dataset.tokenizer_path(),
-                &RankShard { rank: a.rank, world: a.world_size, params: &params, range: own.clone(), exp_avg: &m, exp_avg_sq: &v, adam_step },
+                &RankShard {
+                    rank: a.rank,
+                    world: a.world_size,
+                    params: &params,
+                    range: own.clone(),
+                    exp_avg: &m,
+                    exp_avg_sq: &v,
+                    adam_step,
+                },
             )?;
-            let rng_state = format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
+            let rng_state =
+                format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
             (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })?;
         }
     }

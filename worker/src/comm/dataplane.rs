@@ -58,7 +58,8 @@ pub struct DataPlane {
 impl DataPlane {
     /// Binds `listen` and accepts in a background thread for the life of the process.
     pub fn bind(listen: &str) -> anyhow::Result<DataPlane> {
-        let listener = TcpListener::bind(listen).with_context(|| format!("binding the data-plane listener on {listen}"))?;
+        let listener =
+            TcpListener::bind(listen).with_context(|| format!("binding the data-plane listener on {listen}"))?;
         let addr = listener.local_addr()?;
         let pending: Arc<(Mutex<Pending>, Condvar)> = Arc::default();
         let table = pending.clone();

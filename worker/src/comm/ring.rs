@@ -49,7 +49,14 @@ fn describe(p: &Peer) -> String {
 
 impl Ring {
     /// Connects rank `rank` to its neighbours. Rank r dials r+1 and accepts r-1.
-    pub fn connect(dp: &DataPlane, job: JobId, attempt: u64, rank: Rank, peers: &[Peer], aborter: &Aborter) -> anyhow::Result<Ring> {
+    pub fn connect(
+        dp: &DataPlane,
+        job: JobId,
+        attempt: u64,
+        rank: Rank,
+        peers: &[Peer],
+        aborter: &Aborter,
+    ) -> anyhow::Result<Ring> {
         let world = peers.len();
         let r = rank.0 as usize;
         if r >= world {
@@ -115,18 +122,22 @@ impl Ring {
         }
         let (next_peer, prev_peer) = (&self.next_peer, &self.prev_peer);
         let received = std::thread::scope(|s| -> anyhow::Result<Vec<f32>> {
-            let sender = s.spawn(|| next.write_all(&bytes).with_context(|| format!("sending to {next_peer}: the peer is gone")));
+            let sender =
+                s.spawn(|| next.write_all(&bytes).with_context(|| format!("sending to {next_peer}: the peer is gone")));
             let mut header = [0u8; 8];
             let recv = prev
                 .read_exact(&mut header)
-                .with_context(|| format!("receiving from {prev_peer}: the connection closed (the peer died or was cancelled)"))
+                .with_context(|| {
+                    format!("receiving from {prev_peer}: the connection closed (the peer died or was cancelled)")
+                })
                 .and_then(|()| {
                     let n = u64::from_le_bytes(header) as usize;
                     if n != expect {
                         bail!("{prev_peer} sent {n} values where {expect} were expected (a different model or plan?)");
                     }
                     let mut payload = vec![0u8; n * 4];
-                    prev.read_exact(&mut payload).with_context(|| format!("receiving from {prev_peer}: the connection closed mid-message"))?;
+                    prev.read_exact(&mut payload)
+                        .with_context(|| format!("receiving from {prev_peer}: the connection closed mid-message"))?;
                     Ok(payload.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
                 });
             let sent = sender.join().map_err(|_| anyhow::anyhow!("the ring sender thread panicked"))?;
@@ -206,7 +217,11 @@ mod tests {
         let peers: Vec<Peer> = planes
             .iter()
             .enumerate()
-            .map(|(i, dp)| Peer { rank: Rank(i as u32), worker: WorkerId(i as u64 + 1), data_addr: dp.local_addr().to_string() })
+            .map(|(i, dp)| Peer {
+                rank: Rank(i as u32),
+                worker: WorkerId(i as u64 + 1),
+                data_addr: dp.local_addr().to_string(),
+            })
             .collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = planes
@@ -215,7 +230,8 @@ mod tests {
                 .map(|(i, dp)| {
                     let peers = peers.clone();
                     s.spawn(move || {
-                        let mut ring = Ring::connect(dp, JobId(1), 1, Rank(i as u32), &peers, &Aborter::default()).unwrap();
+                        let mut ring =
+                            Ring::connect(dp, JobId(1), 1, Rank(i as u32), &peers, &Aborter::default()).unwrap();
                         let mut buf: Vec<f32> = (0..len).map(|j| (i * 1000 + j) as f32).collect();
                         let own = ring.reduce_scatter(&mut buf).unwrap();
                         let reduced = buf[own].to_vec();

@@ -23,10 +23,7 @@ pub fn find_python_stdlib() -> Result<PathBuf, DataError> {
     let mut tried = Vec::new();
     match ask_python() {
         Ok(dir) if dir.join("os.py").is_file() => return Ok(dir),
-        Ok(dir) => tried.push(format!(
-            "python3 printed {}, which has no os.py",
-            dir.display()
-        )),
+        Ok(dir) => tried.push(format!("python3 printed {}, which has no os.py", dir.display())),
         Err(why) => tried.push(format!("python3 ({why})")),
     }
     for base in ["/usr/lib", "/usr/local/lib"] {
@@ -35,17 +32,12 @@ pub fn find_python_stdlib() -> Result<PathBuf, DataError> {
             None => tried.push(format!("{base}/python3.*/os.py (none)")),
         }
     }
-    Err(DataError::NoPythonStdlib {
-        tried: tried.join("; "),
-    })
+    Err(DataError::NoPythonStdlib { tried: tried.join("; ") })
 }
 
 fn ask_python() -> Result<PathBuf, String> {
     let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig;print(sysconfig.get_paths()[\"stdlib\"])",
-        ])
+        .args(["-c", "import sysconfig;print(sysconfig.get_paths()[\"stdlib\"])"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -59,17 +51,12 @@ fn ask_python() -> Result<PathBuf, String> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "gave no answer within {} s",
-                    PYTHON_TIMEOUT.as_secs()
-                ));
+                return Err(format!("gave no answer within {} s", PYTHON_TIMEOUT.as_secs()));
             }
             Err(e) => return Err(format!("could not wait for it: {e}")),
         }
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("could not read its output: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("could not read its output: {e}"))?;
     if !out.status.success() {
         return Err(format!("exited with {}", out.status));
     }
@@ -101,13 +88,7 @@ fn skip_dir(name: &str) -> bool {
     name.starts_with('.')
         || matches!(
             name,
-            "test"
-                | "tests"
-                | "testing"
-                | "__pycache__"
-                | "site-packages"
-                | "dist-packages"
-                | "node_modules"
+            "test" | "tests" | "testing" | "__pycache__" | "site-packages" | "dist-packages" | "node_modules"
         )
         || name.ends_with("_test")
         || name.ends_with("_tests")
@@ -115,16 +96,11 @@ fn skip_dir(name: &str) -> bool {
 
 /// Whether `path` is JSONL by its extension.
 pub(crate) fn is_jsonl(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("jsonl" | "ndjson")
-    )
+    matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "ndjson"))
 }
 
 fn has_text_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| TEXT_EXTENSIONS.contains(&e))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| TEXT_EXTENSIONS.contains(&e))
 }
 
 /// Lists the text files under `root` (or `root` itself if it is a file, whatever its extension)
@@ -134,9 +110,7 @@ fn has_text_extension(path: &Path) -> bool {
 /// cross the budget; [`super::prepare`] reads only up to it).
 pub fn collect_files(root: &Path, max_bytes: u64) -> Result<Vec<PathBuf>, DataError> {
     let meta = std::fs::metadata(root).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::InputMissing {
-            path: root.to_path_buf(),
-        },
+        std::io::ErrorKind::NotFound => DataError::InputMissing { path: root.to_path_buf() },
         _ => DataError::io("reading", root)(e),
     })?;
     if meta.is_file() {
@@ -210,16 +184,7 @@ mod tests {
     fn collects_sorted_text_files_and_skips_tests_and_caches() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
-        for f in [
-            "b.py",
-            "a.txt",
-            "z/c.md",
-            "z/d.rst",
-            "e.jsonl",
-            "f.json",
-            "g.so",
-            ".hidden.py",
-        ] {
+        for f in ["b.py", "a.txt", "z/c.md", "z/d.rst", "e.jsonl", "f.json", "g.so", ".hidden.py"] {
             touch(&r.join(f), 10);
         }
         for f in [
@@ -233,22 +198,10 @@ mod tests {
             touch(&r.join(f), 10);
         }
         touch(&r.join("pkg/mod.py"), 10);
-        let got: Vec<_> = collect_files(r, u64::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|p| p.strip_prefix(r).unwrap().to_path_buf())
-            .collect();
-        let want: Vec<PathBuf> = [
-            "a.txt",
-            "b.py",
-            "e.jsonl",
-            "pkg/mod.py",
-            "z/c.md",
-            "z/d.rst",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .collect();
+        let got: Vec<_> =
+            collect_files(r, u64::MAX).unwrap().into_iter().map(|p| p.strip_prefix(r).unwrap().to_path_buf()).collect();
+        let want: Vec<PathBuf> =
+            ["a.txt", "b.py", "e.jsonl", "pkg/mod.py", "z/c.md", "z/d.rst"].iter().map(PathBuf::from).collect();
         assert_eq!(got, want);
     }
 
@@ -263,12 +216,7 @@ mod tests {
         let odd = root.path().join("notes.weird");
         touch(&odd, 5);
         assert_eq!(collect_files(&odd, 1).unwrap(), vec![odd]);
-        let missing = collect_files(&root.path().join("nope"), 1)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            missing.contains("nope") && missing.contains("--input"),
-            "{missing}"
-        );
+        let missing = collect_files(&root.path().join("nope"), 1).unwrap_err().to_string();
+        assert!(missing.contains("nope") && missing.contains("--input"), "{missing}");
     }
 }

@@ -35,21 +35,12 @@ impl Dataset {
             return Err(DataError::dataset(&tokenizer, "missing"));
         }
         let path = dir.join(TOKENS_FILE);
-        let file = File::open(&path)
-            .map_err(|e| DataError::dataset(&path, format!("cannot open: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| DataError::dataset(&path, format!("cannot read: {e}")))?
-            .len();
+        let file = File::open(&path).map_err(|e| DataError::dataset(&path, format!("cannot open: {e}")))?;
+        let len = file.metadata().map_err(|e| DataError::dataset(&path, format!("cannot read: {e}")))?.len();
         info.check_tokens_len(&path, len)?;
-        let tokens = map_read_only(&file)
-            .map_err(|e| DataError::dataset(&path, format!("cannot memory-map: {e}")))?;
+        let tokens = map_read_only(&file).map_err(|e| DataError::dataset(&path, format!("cannot memory-map: {e}")))?;
         info.check_tokens_len(&path, tokens.len() as u64)?;
-        Ok(Dataset {
-            dir: dir.to_path_buf(),
-            info,
-            tokens,
-        })
+        Ok(Dataset { dir: dir.to_path_buf(), info, tokens })
     }
 
     /// [`Dataset::open`], then checks the SHA-256 of `tokens.bin` and `tokenizer.json` against
@@ -61,35 +52,24 @@ impl Dataset {
         if got != dataset.info.tokens_sha256 {
             return Err(DataError::dataset(
                 &path,
-                format!(
-                    "checksum mismatch: sha256 is {got}, the index says {}",
-                    dataset.info.tokens_sha256
-                ),
+                format!("checksum mismatch: sha256 is {got}, the index says {}", dataset.info.tokens_sha256),
             ));
         }
         let tokenizer = dir.join(TOKENIZER_FILE);
-        let bytes = std::fs::read(&tokenizer)
-            .map_err(|e| DataError::dataset(&tokenizer, format!("cannot read: {e}")))?;
+        let bytes =
+            std::fs::read(&tokenizer).map_err(|e| DataError::dataset(&tokenizer, format!("cannot read: {e}")))?;
         let got = hex::encode(Sha256::digest(&bytes));
         if got != dataset.info.tokenizer_sha256 {
             return Err(DataError::dataset(
                 &tokenizer,
-                format!(
-                    "checksum mismatch: sha256 is {got}, the index says {}",
-                    dataset.info.tokenizer_sha256
-                ),
+                format!("checksum mismatch: sha256 is {got}, the index says {}", dataset.info.tokenizer_sha256),
             ));
         }
         let vocab = dataset.info.vocab_size;
-        if let Some(pos) = dataset
-            .tokens
-            .chunks_exact(4)
-            .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >= vocab)
+        if let Some(pos) =
+            dataset.tokens.chunks_exact(4).position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >= vocab)
         {
-            return Err(DataError::dataset(
-                &path,
-                format!("token {pos} is not below vocab_size {vocab}"),
-            ));
+            return Err(DataError::dataset(&path, format!("token {pos} is not below vocab_size {vocab}")));
         }
         Ok(dataset)
     }
@@ -128,11 +108,7 @@ impl Dataset {
     /// `seq_len` is 0). Consecutive windows share one token: the last target of one is the first
     /// input of the next, so every token is a target exactly once.
     pub fn num_windows(&self, seq_len: usize) -> u64 {
-        if seq_len == 0 {
-            0
-        } else {
-            self.info.n_tokens.saturating_sub(1) / seq_len as u64
-        }
+        if seq_len == 0 { 0 } else { self.info.n_tokens.saturating_sub(1) / seq_len as u64 }
     }
 
     /// Window `idx`: tokens `idx*seq_len .. idx*seq_len + seq_len + 1`; inputs are `[..seq_len]`,
@@ -142,10 +118,7 @@ impl Dataset {
     /// If `idx >= self.num_windows(seq_len)`.
     pub fn window(&self, idx: u64, seq_len: usize) -> Vec<u32> {
         let n = self.num_windows(seq_len);
-        assert!(
-            idx < n,
-            "window {idx} out of range: {n} windows of {seq_len}+1 tokens"
-        );
+        assert!(idx < n, "window {idx} out of range: {n} windows of {seq_len}+1 tokens");
         let start = idx * seq_len as u64;
         self.tokens(start..start + seq_len as u64 + 1)
     }
@@ -161,21 +134,14 @@ impl Dataset {
             self.info.n_tokens
         );
         let bytes = &self.tokens[range.start as usize * 4..range.end as usize * 4];
-        bytes
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+        bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     }
 
     /// The sample order of this dataset's windows of `seq_len + 1` tokens for `seed`; an error
     /// with the numbers when the dataset is shorter than one window.
     pub fn sample_order(&self, seq_len: usize, seed: u64) -> Result<SampleOrder, DataError> {
         match self.num_windows(seq_len) {
-            0 => Err(DataError::TooShort {
-                path: self.dir.clone(),
-                n_tokens: self.info.n_tokens,
-                seq_len,
-            }),
+            0 => Err(DataError::TooShort { path: self.dir.clone(), n_tokens: self.info.n_tokens, seq_len }),
             n => SampleOrder::new(n, seed),
         }
     }

@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 
 /// What to run when a dataset directory is missing or damaged.
-pub(crate) const PREPARE_HINT: &str =
-    "run `swarm data prepare --input PATH --out DIR` to (re)create it";
+pub(crate) const PREPARE_HINT: &str = "run `swarm data prepare --input PATH --out DIR` to (re)create it";
 
 /// Errors from finding, preparing, opening and ordering datasets.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +22,7 @@ pub enum DataError {
     },
 
     /// No Python standard library to use as a built-in corpus.
-    #[error(
-        "no Python standard library found (tried: {tried}); install python3, or pass --input PATH"
-    )]
+    #[error("no Python standard library found (tried: {tried}); install python3, or pass --input PATH")]
     NoPythonStdlib {
         /// Each place looked at, with what was found there.
         tried: String,
@@ -84,9 +81,7 @@ pub enum DataError {
     },
 
     /// A tokenizer could not be loaded, saved or used.
-    #[error(
-        "tokenizer {path}: {message}; pass a Hugging Face tokenizer.json, or leave --tokenizer out to train one"
-    )]
+    #[error("tokenizer {path}: {message}; pass a Hugging Face tokenizer.json, or leave --tokenizer out to train one")]
     Tokenizer {
         /// The tokenizer file.
         path: PathBuf,
@@ -115,9 +110,7 @@ pub enum DataError {
     },
 
     /// A text file to encode is not UTF-8.
-    #[error(
-        "{path} is not UTF-8 text (invalid bytes at offset {offset}); convert it to UTF-8 first"
-    )]
+    #[error("{path} is not UTF-8 text (invalid bytes at offset {offset}); convert it to UTF-8 first")]
     NotUtf8 {
         /// The file.
         path: PathBuf,
@@ -187,22 +180,12 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> DataError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
         let path = path.into();
-        move |source| DataError::Io {
-            action,
-            path,
-            source,
-        }
+        move |source| DataError::Io { action, path, source }
     }
 
     pub(crate) fn dataset(path: impl Into<PathBuf>, problem: impl Into<String>) -> DataError {
-        DataError::Dataset {
-            path: path.into(),
-            problem: problem.into(),
-        }
+        DataError::Dataset { path: path.into(), problem: problem.into() }
     }
 }

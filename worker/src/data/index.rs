@@ -75,46 +75,32 @@ impl DatasetInfo {
     /// Reads and checks `dir/index.json` (not `tokens.bin`; see [`DatasetInfo::check_tokens_len`]).
     pub(crate) fn read(dir: &Path) -> Result<DatasetInfo, DataError> {
         let path = dir.join(INDEX_FILE);
-        let meta = std::fs::metadata(&path)
-            .map_err(|e| DataError::dataset(&path, format!("cannot read the index: {e}")))?;
+        let meta =
+            std::fs::metadata(&path).map_err(|e| DataError::dataset(&path, format!("cannot read the index: {e}")))?;
         if meta.len() > MAX_INDEX_BYTES {
             return Err(DataError::dataset(
                 &path,
-                format!(
-                    "index is {} bytes, over the {MAX_INDEX_BYTES}-byte limit",
-                    meta.len()
-                ),
+                format!("index is {} bytes, over the {MAX_INDEX_BYTES}-byte limit", meta.len()),
             ));
         }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| DataError::dataset(&path, format!("cannot read the index: {e}")))?;
-        let info: DatasetInfo = serde_json::from_slice(&bytes)
-            .map_err(|e| DataError::dataset(&path, format!("bad index: {e}")))?;
-        info.validate()
-            .map_err(|problem| DataError::dataset(&path, format!("bad index: {problem}")))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| DataError::dataset(&path, format!("cannot read the index: {e}")))?;
+        let info: DatasetInfo =
+            serde_json::from_slice(&bytes).map_err(|e| DataError::dataset(&path, format!("bad index: {e}")))?;
+        info.validate().map_err(|problem| DataError::dataset(&path, format!("bad index: {problem}")))?;
         Ok(info)
     }
 
     /// Facts that must hold between the fields.
     fn validate(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
-            return Err(format!(
-                "format_version is {}, this build reads {FORMAT_VERSION}",
-                self.format_version
-            ));
+            return Err(format!("format_version is {}, this build reads {FORMAT_VERSION}", self.format_version));
         }
         if self.eos_id >= self.vocab_size {
-            return Err(format!(
-                "eos_id {} is not below vocab_size {}",
-                self.eos_id, self.vocab_size
-            ));
+            return Err(format!("eos_id {} is not below vocab_size {}", self.eos_id, self.vocab_size));
         }
         if self.doc_starts.len() as u64 != self.n_documents {
-            return Err(format!(
-                "{} document offsets for n_documents {}",
-                self.doc_starts.len(),
-                self.n_documents
-            ));
+            return Err(format!("{} document offsets for n_documents {}", self.doc_starts.len(), self.n_documents));
         }
         if self.doc_starts.first().is_some_and(|&s| s != 0) {
             return Err("the first document does not start at token 0".to_owned());
@@ -123,15 +109,9 @@ impl DatasetInfo {
             return Err("document offsets are not strictly increasing".to_owned());
         }
         if self.doc_starts.last().is_some_and(|&s| s >= self.n_tokens) {
-            return Err(format!(
-                "a document starts at or after n_tokens {}",
-                self.n_tokens
-            ));
+            return Err(format!("a document starts at or after n_tokens {}", self.n_tokens));
         }
-        for (name, hash) in [
-            ("tokens_sha256", &self.tokens_sha256),
-            ("tokenizer_sha256", &self.tokenizer_sha256),
-        ] {
+        for (name, hash) in [("tokens_sha256", &self.tokens_sha256), ("tokenizer_sha256", &self.tokenizer_sha256)] {
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!("{name} is not 64 hex digits: {hash:?}"));
             }

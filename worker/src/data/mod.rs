@@ -31,14 +31,9 @@ mod tests;
 
 pub use dataset::Dataset;
 pub use error::DataError;
-pub use index::{
-    DatasetInfo, FORMAT_VERSION, INDEX_FILE, SkippedFile, SourceFile, TOKENIZER_FILE, TOKENS_FILE,
-};
+pub use index::{DatasetInfo, FORMAT_VERSION, INDEX_FILE, SkippedFile, SourceFile, TOKENIZER_FILE, TOKENS_FILE};
 pub use order::{MAX_WINDOWS, SampleOrder, batch_rows, sample_rows};
-pub use prepare::{
-    DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE, PrepareOptions, PreparePhase, PrepareProgress, prepare,
-};
+pub use prepare::{DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE, PrepareOptions, PreparePhase, PrepareProgress, prepare};
 pub use tokenizer::{
-    EOS_CANDIDATES, EOS_TOKEN, MAX_ENCODE_FILE_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, encode_file,
-    load_tokenizer,
+    EOS_CANDIDATES, EOS_TOKEN, MAX_ENCODE_FILE_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, encode_file, load_tokenizer,
 };

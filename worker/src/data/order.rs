@@ -64,17 +64,9 @@ impl SampleOrder {
             return Err(DataError::NoWindows);
         }
         if num_windows > MAX_WINDOWS {
-            return Err(DataError::TooManyWindows {
-                num_windows,
-                max: MAX_WINDOWS,
-            });
+            return Err(DataError::TooManyWindows { num_windows, max: MAX_WINDOWS });
         }
-        let mut order = SampleOrder {
-            num_windows,
-            seed,
-            epoch: 0,
-            perm: Vec::new(),
-        };
+        let mut order = SampleOrder { num_windows, seed, epoch: 0, perm: Vec::new() };
         order.shuffle(0);
         Ok(order)
     }
@@ -120,9 +112,7 @@ impl SampleOrder {
 
 /// Windows of global samples `first .. first + count`.
 pub fn sample_rows(order: &mut SampleOrder, first: u64, count: usize) -> Vec<u64> {
-    (first..first + count as u64)
-        .map(|g| order.window_for(g))
-        .collect()
+    (first..first + count as u64).map(|g| order.window_for(g)).collect()
 }
 
 /// The rows of global batch `step` that one worker owns: global samples
@@ -132,17 +122,9 @@ pub fn sample_rows(order: &mut SampleOrder, first: u64, count: usize) -> Vec<u64
 ///
 /// # Panics
 /// If `offset + count > global_batch` (a plan bug), or the sample counter overflows `u64`.
-pub fn batch_rows(
-    order: &mut SampleOrder,
-    step: u64,
-    global_batch: usize,
-    offset: usize,
-    count: usize,
-) -> Vec<u64> {
+pub fn batch_rows(order: &mut SampleOrder, step: u64, global_batch: usize, offset: usize, count: usize) -> Vec<u64> {
     assert!(
-        offset
-            .checked_add(count)
-            .is_some_and(|end| end <= global_batch),
+        offset.checked_add(count).is_some_and(|end| end <= global_batch),
         "rows {offset}..{offset}+{count} do not fit in a global batch of {global_batch}"
     );
     let first = step
@@ -187,11 +169,7 @@ mod tests {
         let mut a = SampleOrder::new(500, 42).unwrap();
         let mut b = SampleOrder::new(500, 42).unwrap();
         let mut c = SampleOrder::new(500, 43).unwrap();
-        let (ra, rb, rc) = (
-            sample_rows(&mut a, 0, 1500),
-            sample_rows(&mut b, 0, 1500),
-            sample_rows(&mut c, 0, 1500),
-        );
+        let (ra, rb, rc) = (sample_rows(&mut a, 0, 1500), sample_rows(&mut b, 0, 1500), sample_rows(&mut c, 0, 1500));
         assert_eq!(ra, rb);
         assert_ne!(ra, rc);
     }
@@ -232,8 +210,7 @@ mod tests {
         let mut order = SampleOrder::new(10, 42).unwrap();
         assert_eq!(sample_rows(&mut order, 0, 20), GOLDEN_SEED42_N10);
     }
-    const GOLDEN_SEED42_N10: [u64; 20] =
-        [4, 9, 1, 3, 5, 7, 2, 6, 0, 8, 9, 7, 5, 1, 8, 6, 0, 4, 3, 2];
+    const GOLDEN_SEED42_N10: [u64; 20] = [4, 9, 1, 3, 5, 7, 2, 6, 0, 8, 9, 7, 5, 1, 8, 6, 0, 4, 3, 2];
 
     #[test]
     fn below_stays_in_range() {

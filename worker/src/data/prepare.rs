@@ -112,20 +112,13 @@ pub fn prepare(
             max_bytes: opts.max_bytes,
         });
     }
-    tracing::info!(
-        files = files_total,
-        documents = corpus.docs.len(),
-        bytes = corpus.bytes_used,
-        "read inputs"
-    );
+    tracing::info!(files = files_total, documents = corpus.docs.len(), bytes = corpus.bytes_used, "read inputs");
 
     let (tokenizer, tokenizer_json, tokenizer_from) = match &opts.tokenizer {
         Some(path) => {
             let bytes = std::fs::read(path).map_err(DataError::io("reading", path))?;
-            let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
-                path: path.clone(),
-                message: format!("cannot load it: {e}"),
-            })?;
+            let tokenizer = Tokenizer::from_bytes(&bytes)
+                .map_err(|e| DataError::Tokenizer { path: path.clone(), message: format!("cannot load it: {e}") })?;
             (tokenizer, bytes, Some(path.display().to_string()))
         }
         None => {
@@ -143,10 +136,7 @@ pub fn prepare(
             (tokenizer, json.into_bytes(), None)
         }
     };
-    let tokenizer_path = opts
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| out_dir.join(TOKENIZER_FILE));
+    let tokenizer_path = opts.tokenizer.clone().unwrap_or_else(|| out_dir.join(TOKENIZER_FILE));
     let eos_id = eos_id(&tokenizer, &tokenizer_path)?;
     let vocab_size = vocab_rows(&tokenizer);
 
@@ -189,19 +179,15 @@ pub fn prepare(
             n_tokens += ids.len() as u64;
             bytes.extend(ids.iter().flat_map(|id| id.to_le_bytes()));
             hasher.update(&bytes);
-            out.write_all(&bytes)
-                .map_err(DataError::io("writing", &tokens_path))?;
+            out.write_all(&bytes).map_err(DataError::io("writing", &tokens_path))?;
         }
         report.bytes += batch_bytes as u64;
         report.documents += batch.len() as u64;
         report.tokens = n_tokens;
         progress(report);
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| DataError::io("writing", &tokens_path)(e.into_error()))?;
-    file.sync_all()
-        .map_err(DataError::io("syncing", &tokens_path))?;
+    let file = out.into_inner().map_err(|e| DataError::io("writing", &tokens_path)(e.into_error()))?;
+    file.sync_all().map_err(DataError::io("syncing", &tokens_path))?;
     drop(file);
 
     report.phase = PreparePhase::Writing;
@@ -241,24 +227,15 @@ fn check_output(out: &Path) -> Result<(), DataError> {
         Err(e) => Err(DataError::io("checking", out)(e)),
         Ok(meta) if meta.is_dir() => {
             let mut entries = std::fs::read_dir(out).map_err(DataError::io("listing", out))?;
-            if entries.next().is_none() {
-                Ok(())
-            } else {
-                Err(DataError::OutputExists {
-                    path: out.to_path_buf(),
-                })
-            }
+            if entries.next().is_none() { Ok(()) } else { Err(DataError::OutputExists { path: out.to_path_buf() }) }
         }
-        Ok(_) => Err(DataError::OutputExists {
-            path: out.to_path_buf(),
-        }),
+        Ok(_) => Err(DataError::OutputExists { path: out.to_path_buf() }),
     }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     let mut file = File::create(path).map_err(DataError::io("creating", path))?;
-    file.write_all(bytes)
-        .map_err(DataError::io("writing", path))?;
+    file.write_all(bytes).map_err(DataError::io("writing", path))?;
     file.sync_all().map_err(DataError::io("syncing", path))
 }
 
@@ -283,20 +260,10 @@ impl Staging {
             return Err(DataError::io("creating", out)(e));
         };
         std::fs::create_dir_all(&parent).map_err(DataError::io("creating", &parent))?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let tmp = parent.join(format!(
-            ".{}.partial-{}-{nanos}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let tmp = parent.join(format!(".{}.partial-{}-{nanos}", name.to_string_lossy(), std::process::id()));
         std::fs::create_dir(&tmp).map_err(DataError::io("creating", &tmp))?;
-        Ok(Staging {
-            tmp,
-            out: out.to_path_buf(),
-            committed: false,
-        })
+        Ok(Staging { tmp, out: out.to_path_buf(), committed: false })
     }
 
     /// Renames the directory into place (atomically replacing an empty directory there) and
@@ -305,16 +272,12 @@ impl Staging {
         std::fs::rename(&self.tmp, &self.out).map_err(|e| match e.kind() {
             std::io::ErrorKind::DirectoryNotEmpty
             | std::io::ErrorKind::AlreadyExists
-            | std::io::ErrorKind::NotADirectory => DataError::OutputExists {
-                path: self.out.clone(),
-            },
+            | std::io::ErrorKind::NotADirectory => DataError::OutputExists { path: self.out.clone() },
             _ => DataError::io("renaming into place", &self.out)(e),
         })?;
         self.committed = true;
         if let Some(parent) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(DataError::io("syncing", parent))?;
+            File::open(parent).and_then(|d| d.sync_all()).map_err(DataError::io("syncing", parent))?;
         }
         Ok(())
     }

@@ -55,9 +55,7 @@ pub(crate) fn read_inputs(
             corpus.budget_reached = true;
             break;
         }
-        let size = std::fs::metadata(path)
-            .map_err(DataError::io("reading", path))?
-            .len();
+        let size = std::fs::metadata(path).map_err(DataError::io("reading", path))?.len();
         let docs_before = corpus.docs.len();
         let read = if is_jsonl(path) {
             read_jsonl(path, size, remaining, text_field, &mut corpus.docs)?
@@ -69,12 +67,7 @@ pub(crate) fn read_inputs(
             FileRead::Used { bytes, cut_short } => {
                 corpus.bytes_used += bytes;
                 let documents = (corpus.docs.len() - docs_before) as u64;
-                corpus.sources.push(SourceFile {
-                    path: name,
-                    bytes: size,
-                    bytes_used: bytes,
-                    documents,
-                });
+                corpus.sources.push(SourceFile { path: name, bytes: size, bytes_used: bytes, documents });
                 corpus.budget_reached |= cut_short;
             }
             FileRead::Skipped { reason } => {
@@ -101,12 +94,7 @@ enum FileRead {
     },
 }
 
-fn read_text(
-    path: &Path,
-    size: u64,
-    remaining: u64,
-    docs: &mut Vec<String>,
-) -> Result<FileRead, DataError> {
+fn read_text(path: &Path, size: u64, remaining: u64, docs: &mut Vec<String>) -> Result<FileRead, DataError> {
     let mut buf = Vec::with_capacity(size.min(remaining) as usize);
     File::open(path)
         .map_err(DataError::io("opening", path))?
@@ -129,10 +117,7 @@ fn read_text(
         }
         Err(e) => {
             return Ok(FileRead::Skipped {
-                reason: format!(
-                    "not UTF-8 text (invalid bytes at offset {})",
-                    e.utf8_error().valid_up_to()
-                ),
+                reason: format!("not UTF-8 text (invalid bytes at offset {})", e.utf8_error().valid_up_to()),
             });
         }
     };
@@ -165,9 +150,7 @@ fn read_jsonl(
     };
     loop {
         line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .map_err(DataError::io("reading", path))? as u64;
+        let n = reader.read_until(b'\n', &mut line).map_err(DataError::io("reading", path))? as u64;
         if n == 0 {
             break;
         }
@@ -180,8 +163,8 @@ fn read_jsonl(
         if text.is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_slice(text)
-            .map_err(|e| bad(line_no, format!("not valid JSON ({e})")))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(text).map_err(|e| bad(line_no, format!("not valid JSON ({e})")))?;
         let serde_json::Value::Object(mut object) = value else {
             return Err(bad(line_no, format!("{}, not a JSON object", kind(&value))));
         };
@@ -192,25 +175,16 @@ fn read_jsonl(
                 }
             }
             Some(other) => {
-                return Err(bad(
-                    line_no,
-                    format!("field \"{field}\" is {}, not a string", kind(&other)),
-                ));
+                return Err(bad(line_no, format!("field \"{field}\" is {}, not a string", kind(&other))));
             }
             None => {
                 let mut keys: Vec<_> = object.keys().map(String::as_str).collect();
                 keys.truncate(8);
-                return Err(bad(
-                    line_no,
-                    format!("no field \"{field}\" (fields: {})", keys.join(", ")),
-                ));
+                return Err(bad(line_no, format!("no field \"{field}\" (fields: {})", keys.join(", "))));
             }
         }
     }
-    Ok(FileRead::Used {
-        bytes: used,
-        cut_short: used < size,
-    })
+    Ok(FileRead::Used { bytes: used, cut_short: used < size })
 }
 
 fn kind(value: &serde_json::Value) -> &'static str {

@@ -29,30 +29,20 @@ pub const MAX_ENCODE_FILE_BYTES: u64 = 1 << 30;
 
 /// Loads a Hugging Face `tokenizer.json`.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
-    Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
-        path: path.to_path_buf(),
-        message: format!("cannot load it: {e}"),
-    })
+    Tokenizer::from_file(path)
+        .map_err(|e| DataError::Tokenizer { path: path.to_path_buf(), message: format!("cannot load it: {e}") })
 }
 
 /// Tokenizes a UTF-8 text file with the tokenizer at `tokenizer_json` (no special tokens added).
 pub fn encode_file(tokenizer_json: &Path, text_file: &Path) -> Result<Vec<u32>, DataError> {
     let tokenizer = load_tokenizer(tokenizer_json)?;
-    let len = std::fs::metadata(text_file)
-        .map_err(DataError::io("reading", text_file))?
-        .len();
+    let len = std::fs::metadata(text_file).map_err(DataError::io("reading", text_file))?.len();
     if len > MAX_ENCODE_FILE_BYTES {
-        return Err(DataError::TooLarge {
-            path: text_file.to_path_buf(),
-            bytes: len,
-            max: MAX_ENCODE_FILE_BYTES,
-        });
+        return Err(DataError::TooLarge { path: text_file.to_path_buf(), bytes: len, max: MAX_ENCODE_FILE_BYTES });
     }
     let bytes = std::fs::read(text_file).map_err(DataError::io("reading", text_file))?;
-    let text = String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
-        path: text_file.to_path_buf(),
-        offset: e.utf8_error().valid_up_to(),
-    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| DataError::NotUtf8 { path: text_file.to_path_buf(), offset: e.utf8_error().valid_up_to() })?;
     let mut docs = encode_docs(&tokenizer, tokenizer_json, &[text.as_str()])?;
     Ok(docs.pop().unwrap_or_default())
 }
@@ -62,12 +52,7 @@ pub(crate) fn check_vocab_size(vocab_size: usize) -> Result<(), DataError> {
     if (MIN_VOCAB_SIZE..=MAX_VOCAB_SIZE).contains(&vocab_size) {
         Ok(())
     } else {
-        Err(DataError::BadVocabSize {
-            got: vocab_size,
-            min: MIN_VOCAB_SIZE,
-            max: MAX_VOCAB_SIZE,
-            eos: EOS_TOKEN,
-        })
+        Err(DataError::BadVocabSize { got: vocab_size, min: MIN_VOCAB_SIZE, max: MAX_VOCAB_SIZE, eos: EOS_TOKEN })
     }
 }
 
@@ -75,10 +60,7 @@ pub(crate) fn check_vocab_size(vocab_size: usize) -> Result<(), DataError> {
 /// fewer when the text has fewer distinct pairs to merge.
 pub(crate) fn train(docs: &[String], vocab_size: usize) -> Result<Tokenizer, DataError> {
     check_vocab_size(vocab_size)?;
-    let fail = |e: tokenizers::Error| DataError::Train {
-        vocab_size,
-        message: e.to_string(),
-    };
+    let fail = |e: tokenizers::Error| DataError::Train { vocab_size, message: e.to_string() };
     let byte_level = ByteLevel::new(false, true, true);
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
@@ -87,15 +69,14 @@ pub(crate) fn train(docs: &[String], vocab_size: usize) -> Result<Tokenizer, Dat
         .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
         .build();
-    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
-        TokenizerBuilder::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(byte_level))
-            .with_post_processor(Some(byte_level))
-            .with_decoder(Some(byte_level))
-            .build()
-            .map_err(fail)?;
+    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(byte_level))
+        .with_post_processor(Some(byte_level))
+        .with_decoder(Some(byte_level))
+        .build()
+        .map_err(fail)?;
     let pieces = docs.iter().flat_map(|d| split_for_encoding(d, CHUNK_BYTES));
     tokenizer.train(&mut trainer, pieces).map_err(fail)?;
     Ok(tokenizer.into())
@@ -106,19 +87,12 @@ pub(crate) fn eos_id(tokenizer: &Tokenizer, path: &Path) -> Result<u32, DataErro
     EOS_CANDIDATES
         .iter()
         .find_map(|t| tokenizer.token_to_id(t))
-        .ok_or_else(|| DataError::NoEosToken {
-            path: path.to_path_buf(),
-            tried: EOS_CANDIDATES.join(", "),
-        })
+        .ok_or_else(|| DataError::NoEosToken { path: path.to_path_buf(), tried: EOS_CANDIDATES.join(", ") })
 }
 
 /// One more than the largest id `tokenizer` can produce.
 pub(crate) fn vocab_rows(tokenizer: &Tokenizer) -> u32 {
-    tokenizer
-        .get_vocab(true)
-        .values()
-        .max()
-        .map_or(0, |m| m + 1)
+    tokenizer.get_vocab(true).values().max().map_or(0, |m| m + 1)
 }
 
 /// Whether cutting text at [`split_for_encoding`]'s places leaves its encoding unchanged: true
@@ -141,14 +115,8 @@ pub(crate) fn split_for_encoding(text: &str, target: usize) -> Vec<&str> {
         let cut = (start + target.max(1)..bytes.len()).find(|&i| {
             bytes[i] == b'\n'
                 && i > 0
-                && !text[..i]
-                    .chars()
-                    .next_back()
-                    .is_some_and(char::is_whitespace)
-                && text[i + 1..]
-                    .chars()
-                    .next()
-                    .is_some_and(|c| !c.is_whitespace())
+                && !text[..i].chars().next_back().is_some_and(char::is_whitespace)
+                && text[i + 1..].chars().next().is_some_and(|c| !c.is_whitespace())
         });
         let Some(i) = cut else { break };
         pieces.push(&text[start..=i]);
@@ -162,30 +130,18 @@ pub(crate) fn split_for_encoding(text: &str, target: usize) -> Vec<&str> {
 
 /// Encodes each document (no special tokens added), in parallel inside the tokenizers crate.
 /// `path` names the tokenizer in errors.
-pub(crate) fn encode_docs(
-    tokenizer: &Tokenizer,
-    path: &Path,
-    docs: &[&str],
-) -> Result<Vec<Vec<u32>>, DataError> {
+pub(crate) fn encode_docs(tokenizer: &Tokenizer, path: &Path, docs: &[&str]) -> Result<Vec<Vec<u32>>, DataError> {
     let exact = splits_are_exact(tokenizer);
     let mut owners = Vec::new();
     let mut pieces = Vec::new();
     for (d, doc) in docs.iter().enumerate() {
-        let split = if exact {
-            split_for_encoding(doc, CHUNK_BYTES)
-        } else {
-            vec![*doc]
-        };
+        let split = if exact { split_for_encoding(doc, CHUNK_BYTES) } else { vec![*doc] };
         owners.extend(std::iter::repeat_n(d, split.len()));
         pieces.extend(split);
     }
-    let encodings =
-        tokenizer
-            .encode_batch_fast(pieces, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: path.to_path_buf(),
-                message: format!("encoding failed: {e}"),
-            })?;
+    let encodings = tokenizer
+        .encode_batch_fast(pieces, false)
+        .map_err(|e| DataError::Tokenizer { path: path.to_path_buf(), message: format!("encoding failed: {e}") })?;
     let mut out = vec![Vec::new(); docs.len()];
     for (d, enc) in owners.into_iter().zip(encodings) {
         out[d].extend_from_slice(enc.get_ids());
@@ -197,7 +153,8 @@ pub(crate) fn encode_docs(
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\nprint('héllo wörld')  \nend\r\nline\n \nx\n";
+    const SAMPLE: &str =
+        "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\nprint('héllo wörld')  \nend\r\nline\n \nx\n";
 
     #[test]
     fn split_points_keep_whole_text() {
@@ -217,11 +174,7 @@ mod tests {
         let tokenizer = train(&docs, 400).unwrap();
         assert!(splits_are_exact(&tokenizer));
         let text = SAMPLE.repeat(8);
-        let whole = tokenizer
-            .encode_fast(text.as_str(), false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let whole = tokenizer.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
         let mut pieced = Vec::new();
         for p in split_for_encoding(&text, 7) {
             pieced.extend_from_slice(tokenizer.encode_fast(p, false).unwrap().get_ids());

@@ -1,0 +1,311 @@
+//! End-to-end: the real `swarm` binary, real coordinator and worker processes on 127.0.0.1.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_swarm");
+const STEPS: u64 = 20;
+/// Loss trajectories of 1 and N workers agree to this (relative): the same maths summed in a
+/// different order, through 20 AdamW steps.
+const LOSS_RTOL: f64 = 1e-5;
+
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+fn swarm(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("running swarm")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A small dataset tokenized from this repository's own sources (real text, no download).
+fn dataset() -> &'static Path {
+    static DS: OnceLock<PathBuf> = OnceLock::new();
+    DS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = scratch().join("dataset");
+        let mut args = vec![
+            "data",
+            "prepare",
+            "--out",
+            out.to_str().unwrap(),
+            "--vocab-size",
+            "512",
+            "--max-bytes",
+            "600000",
+            "--json",
+        ];
+        // Rust sources are read when named one by one (a directory walk takes only text files).
+        let mut inputs: Vec<String> = Vec::new();
+        for d in ["worker/src", "coordinator/src", "sharding/src", "src/cli"] {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(d))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+                .collect();
+            files.sort();
+            inputs.extend(files.iter().map(|f| f.display().to_string()));
+        }
+        for i in &inputs {
+            args.extend(["--input", i.as_str()]);
+        }
+        let o = swarm(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        out
+    })
+}
+
+fn recipe(name: &str, extra_train: &str) -> PathBuf {
+    let dir = scratch().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = format!(
+        "name: {name}\nmodel: {{ preset: tiny, hidden_size: 64, intermediate_size: 160, num_layers: 2, num_heads: 4, num_kv_heads: 2 }}\n\
+         data: {{ dataset: {ds} }}\n\
+         train: {{ steps: {STEPS}, seq_len: 32, global_batch: 8, seed: 7, lr: 0.01, warmup_steps: 4{extra_train} }}\n\
+         checkpoint: {{ dir: {ck}, every: 5, keep: 0 }}\n",
+        ds = dataset().display(),
+        ck = dir.join("ck").display()
+    );
+    let p = dir.join("recipe.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+fn train_json(recipe: &Path, nodes: usize, resume: bool) -> Value {
+    let n = nodes.to_string();
+    let mut args = vec!["train", "--local", "--json", "--nodes", &n, "--recipe", recipe.to_str().unwrap()];
+    if resume {
+        args.push("--resume");
+    }
+    let o = swarm(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+}
+
+fn losses(v: &Value) -> Vec<f64> {
+    v["losses"].as_array().unwrap().iter().map(|x| x.as_f64().expect("finite loss")).collect()
+}
+
+/// The uninterrupted runs, shared by the tests that compare against them.
+fn uninterrupted(nodes: usize) -> &'static (PathBuf, Value) {
+    static RUNS: [OnceLock<(PathBuf, Value)>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    RUNS[nodes].get_or_init(|| {
+        let r = recipe(&format!("full-{nodes}"), "");
+        let v = train_json(&r, nodes, false);
+        (r.parent().unwrap().join("ck"), v)
+    })
+}
+
+fn read_params(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn assert_close(a: &[f64], b: &[f64], rtol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= rtol * x.abs().max(1.0), "{what}: step {} differs: {x} vs {y}", i + 1);
+    }
+}
+
+#[test]
+fn one_and_two_workers_train_the_same_model_and_the_loss_falls() {
+    let (ck1, one) = uninterrupted(1);
+    let (ck2, two) = uninterrupted(2);
+    assert_eq!(one["state"], "succeeded");
+    let (l1, l2) = (losses(one), losses(two));
+    let worst = l1.iter().zip(&l2).map(|(a, b)| (a - b).abs() / a.abs()).fold(0f64, f64::max);
+    eprintln!("1 vs 2 workers: largest relative loss difference over {STEPS} steps: {worst:.2e}");
+    assert_eq!(l1.len() as u64, STEPS);
+    assert_close(&l1, &l2, LOSS_RTOL, "1 vs 2 workers");
+    // The loss falls clearly: from ~ln(512) = 6.24 at the start.
+    let last3 = l1[l1.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(l1[0] > 6.0 && last3 < l1[0] - 0.5, "loss did not fall enough: {l1:?}");
+    // Same final parameters.
+    let last = format!("step-{STEPS:06}");
+    let p1 = read_params(&ck1.join(&last).join("model.safetensors"));
+    let p2 = read_params(&ck2.join(&last).join("model.safetensors"));
+    assert_eq!(p1.len(), p2.len());
+    for ((n1, a), (n2, b)) in p1.iter().zip(&p2) {
+        assert_eq!(n1, n2);
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{n1}: max |diff| {diff}");
+    }
+    // Each step directory is a committed checkpoint with both ranks' optimizer shards.
+    let m: Value = serde_json::from_slice(&std::fs::read(ck2.join(&last).join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["world_size"], 2);
+    assert_eq!(m["data_cursor"], STEPS * 8);
+    assert!(ck2.join(&last).join("optim-rank00001-of-00002.safetensors").is_file());
+}
+
+#[test]
+fn killed_run_resumes_with_the_losses_of_an_uninterrupted_run() {
+    let (_, full) = uninterrupted(2);
+    let r = recipe("killed", "");
+    let ck = r.parent().unwrap().join("ck");
+    let mut child = Command::new(BIN)
+        .args(["train", "--local", "--nodes", "2", "--recipe", r.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ck.join("step-000010/manifest.json").is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 10 within 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: no cleanup; its local coordinator and workers exit on their own
+    child.wait().unwrap();
+    let resumed = train_json(&r, 2, true);
+    let start = resumed["start_step"].as_u64().unwrap();
+    assert!((10..STEPS).contains(&start), "resumed from step {start}");
+    let got = losses(&resumed);
+    let want = &losses(full)[start as usize..];
+    assert_close(&got, want, 1e-5, "resumed vs uninterrupted");
+}
+
+#[test]
+fn eval_scores_a_checkpoint() {
+    let (ck, run) = uninterrupted(1);
+    let model = ck.join(format!("step-{STEPS:06}"));
+    let text_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("coordinator/src/machine.rs");
+    let o = swarm(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text_file.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ce = v["mean_cross_entropy"].as_f64().unwrap();
+    let final_loss = run["loss"].as_f64().unwrap();
+    // Text the model was trained on: close to the training loss, far below the uniform ln(512).
+    assert!((ce - final_loss).abs() < 1.0 && ce < 6.0, "eval {ce} vs train {final_loss}");
+    assert!((v["perplexity"].as_f64().unwrap() - ce.exp()).abs() < 1e-6 * ce.exp());
+    let tokens = v["tokens"].as_u64().unwrap();
+    assert_eq!(v["windows"].as_u64().unwrap(), tokens / 32);
+    assert_eq!(v["predicted_tokens"].as_u64().unwrap(), tokens / 32 * 31);
+
+    let short = scratch().join("short.txt");
+    std::fs::write(&short, "hi").unwrap();
+    let o = swarm(&["eval", "--model", model.to_str().unwrap(), "--text", short.to_str().unwrap(), "--seq-len", "32"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fewer than one window"), "{}", text(&o));
+}
+
+#[test]
+fn bad_recipes_fail_with_field_value_and_fix() {
+    let good = std::fs::read_to_string(recipe("bad-base", "")).unwrap();
+    let cases = [
+        (good.replace("steps: 20", "stepz: 20"), "unknown field `stepz`"),
+        (good.replace("steps: 20", "steps: 0"), "train.steps = 0: must be > 0; set train.steps"),
+        (good.replace("lr: 0.01", "lr: -1"), "train.lr = -1"),
+        (
+            good.replace("preset: tiny", "preset: gpt5"),
+            "model.preset = \"gpt5\": is not a known preset; use one of tiny",
+        ),
+        (
+            good.replace(&dataset().display().to_string(), "/nonexistent/ds"),
+            "data.dataset = /nonexistent/ds: no prepared dataset there; run `swarm data prepare",
+        ),
+        (
+            good.replace("num_heads: 4", "num_heads: 3"),
+            "hidden_size (64) must be a multiple of num_attention_heads (3)",
+        ),
+    ];
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let p = scratch().join(format!("bad-{i}.yaml"));
+        std::fs::write(&p, yaml).unwrap();
+        let o = swarm(&["train", "--local", "--nodes", "1", "--recipe", p.to_str().unwrap()]);
+        assert!(!o.status.success(), "case {i} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want) && err.contains(p.to_str().unwrap()), "case {i}: want {want:?} in:\n{err}");
+    }
+    let o = swarm(&["train", "--local", "--nodes", "9", "--recipe", recipe("bad-nodes", "").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("raise train.global_batch to >= 9 or use --nodes 8"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// A coordinator started by hand, workers joining it, `swarm status`, and a restart that keeps the jobs.
+#[test]
+fn standalone_coordinator_keeps_its_jobs_across_a_restart() {
+    let state = scratch().join("up-state");
+    let start_up = || {
+        let mut up = Command::new(BIN)
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir", state.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(up.stdout.take().unwrap()), &mut line).unwrap();
+        let addr =
+            line.trim().strip_prefix("swarm coordinator listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
+        (up, addr)
+    };
+    let (mut up, addr) = start_up();
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(BIN)
+                .args(["worker", "--coordinator", &addr, "--name", &format!("box{i}"), "--data-listen", "127.0.0.1:0"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let r = recipe("standalone", "");
+    let o = swarm(&["train", "--coordinator", &addr, "--nodes", "2", "--json", "--recipe", r.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let status = |addr: &str| -> Value {
+        let o = swarm(&["status", "--coordinator", addr, "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let s = status(&addr);
+    assert_eq!(s["jobs"][0]["state"], "succeeded");
+    let names: Vec<&str> = s["workers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"box0") && names.contains(&"box1"), "{s}");
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let (mut up, addr) = start_up();
+    let s = status(&addr);
+    assert_eq!(s["jobs"][0]["state"], "succeeded", "{s}");
+    assert_eq!(s["jobs"][0]["step"], STEPS);
+    up.kill().unwrap();
+    for mut w in workers {
+        w.kill().unwrap();
+        w.wait().unwrap();
+    }
+    up.wait().unwrap();
+}
