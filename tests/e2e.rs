@@ -145,11 +145,24 @@ fn one_and_two_workers_train_the_same_model_and_the_loss_falls() {
     let p1 = read_params(&ck1.join(&last).join("model.safetensors"));
     let p2 = read_params(&ck2.join(&last).join("model.safetensors"));
     assert_eq!(p1.len(), p2.len());
+    // Summation order differs between 1 and 2 workers. Where contributions to a gradient element
+    // nearly cancel, the sums differ by a large fraction of the (tiny) result, and Adam, which
+    // normalises each update to about lr = 0.01 whatever the gradient's size, turns that into an
+    // element difference of a fraction of lr. Whole tensors must still agree to 1e-4 relative
+    // (measured: ~3e-5 in the embedding, far less elsewhere).
+    let (mut worst_rel, mut worst_abs) = (0f64, 0f32);
     for ((n1, a), (n2, b)) in p1.iter().zip(&p2) {
         assert_eq!(n1, n2);
         let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-4, "{n1}: max |diff| {diff}");
+        let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
+        let den: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        worst_rel = worst_rel.max(num / den);
+        worst_abs = worst_abs.max(diff);
+        assert!(diff < 2e-3 && num / den < 1e-4, "{n1}: max |diff| {diff}, relative norm {}", num / den);
     }
+    eprintln!(
+        "1 vs 2 workers, final parameters: largest relative norm difference {worst_rel:.2e}, largest element difference {worst_abs:.2e}"
+    );
     // Each step directory is a committed checkpoint with both ranks' optimizer shards.
     let m: Value = serde_json::from_slice(&std::fs::read(ck2.join(&last).join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["world_size"], 2);

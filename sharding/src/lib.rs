@@ -14,9 +14,9 @@ pub mod model;
 pub mod plan;
 pub mod recipe;
 
-pub use job::{Assignment, Manifest, Peer, RankCheckpoint, ResumePoint, ShardFile};
 pub use cluster::{DeviceInfo, DeviceKind};
 pub use ids::{JobId, Rank, StageId, Step, WorkerId};
-pub use model::ModelSpec;
+pub use job::{Assignment, Manifest, Peer, RankCheckpoint, ResumePoint, ShardFile};
+pub use model::{ModelSpec, RopeScaling};
 pub use plan::{BatchShare, PlanError};
 pub use recipe::{Recipe, RecipeError};

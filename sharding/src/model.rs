@@ -19,6 +19,47 @@ pub struct ModelSpec {
     /// Qwen2 puts biases on q, k and v.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Llama 3.1+ rescales the rotary frequencies.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// Llama 3's rotary frequency scaling (`rope_scaling` with `rope_type: llama3` in config.json).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of a head of `head_dim`, as Hugging Face computes them for `llama3`.
+    pub fn apply(&self, inv_freq: f64) -> f64 {
+        let low_wavelen = self.original_max_position_embeddings as f64 / self.low_freq_factor;
+        let high_wavelen = self.original_max_position_embeddings as f64 / self.high_freq_factor;
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        if wavelen < high_wavelen {
+            inv_freq
+        } else if wavelen > low_wavelen {
+            inv_freq / self.factor
+        } else {
+            let smooth = (self.original_max_position_embeddings as f64 / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        }
+    }
+}
+
+/// The inverse rotary frequencies of one head: `1 / theta^(2i/d)`, rescaled for Llama 3.
+pub fn rope_inv_freq(spec: &ModelSpec) -> Vec<f64> {
+    let hd = spec.head_dim();
+    (0..hd / 2)
+        .map(|i| {
+            let f = 1.0 / spec.rope_theta.powf(2.0 * i as f64 / hd as f64);
+            spec.rope_scaling.as_ref().map_or(f, |s| s.apply(f))
+        })
+        .collect()
 }
 
 /// The subset of a Hugging Face `config.json` that we read. Unknown fields are ignored here on
@@ -46,6 +87,10 @@ struct HfConfig {
     attention_bias: Option<bool>,
     #[serde(default)]
     hidden_act: Option<String>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    head_dim: Option<usize>,
 }
 
 fn default_max_pos() -> usize {
@@ -78,7 +123,36 @@ impl ModelSpec {
         {
             return Err(format!("{source}: hidden_act = {act:?} is not supported; only \"silu\" (SwiGLU)"));
         }
+        let rope_scaling = match &c.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("?");
+                if kind != "llama3" {
+                    return Err(format!("{source}: rope_scaling type {kind:?} is not supported; only \"llama3\""));
+                }
+                let f = |k: &str| {
+                    v.get(k)
+                        .and_then(serde_json::Value::as_f64)
+                        .ok_or_else(|| format!("{source}: rope_scaling.{k} is missing"))
+                };
+                Some(RopeScaling {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+                })
+            }
+        };
+        if let Some(hd) = c.head_dim
+            && hd * c.num_attention_heads != c.hidden_size
+        {
+            return Err(format!(
+                "{source}: head_dim = {hd} with {} heads does not match hidden_size {}; only head_dim = hidden_size / heads is supported",
+                c.num_attention_heads, c.hidden_size
+            ));
+        }
         let spec = ModelSpec {
+            rope_scaling,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
@@ -115,6 +189,13 @@ impl ModelSpec {
             "mlp_bias": false,
             "hidden_act": "silu",
             "torch_dtype": "float32",
+            "rope_scaling": self.rope_scaling.as_ref().map(|r| serde_json::json!({
+                "rope_type": "llama3",
+                "factor": r.factor,
+                "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position_embeddings,
+            })),
         })
     }
 
@@ -194,16 +275,32 @@ impl ModelSpec {
             rms_norm_eps: eps,
             tie_word_embeddings: tie,
             attention_bias: false,
+            rope_scaling: None,
+        };
+        let llama3 = |factor| {
+            Some(RopeScaling {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            })
         };
         Some(match name {
             // Small enough to train on a laptop CPU in minutes.
-            "tiny" => ModelSpec {
-                max_position_embeddings: 1024,
-                ..llama(128, 352, 4, 4, 2, 2048, 10_000.0, 1e-5, false)
+            "tiny" => {
+                ModelSpec { max_position_embeddings: 1024, ..llama(128, 352, 4, 4, 2, 2048, 10_000.0, 1e-5, false) }
+            }
+            "llama-3.2-1b" => {
+                ModelSpec { rope_scaling: llama3(32.0), ..llama(2048, 8192, 16, 32, 8, 128_256, 500_000.0, 1e-5, true) }
+            }
+            "llama-3.1-8b" => ModelSpec {
+                rope_scaling: llama3(8.0),
+                ..llama(4096, 14_336, 32, 32, 8, 128_256, 500_000.0, 1e-5, false)
             },
-            "llama-3.2-1b" => llama(2048, 8192, 16, 32, 8, 128_256, 500_000.0, 1e-5, true),
-            "llama-3.1-8b" => llama(4096, 14_336, 32, 32, 8, 128_256, 500_000.0, 1e-5, false),
-            "llama-3.1-70b" => llama(8192, 28_672, 80, 64, 8, 128_256, 500_000.0, 1e-5, false),
+            "llama-3.1-70b" => ModelSpec {
+                rope_scaling: llama3(8.0),
+                ..llama(8192, 28_672, 80, 64, 8, 128_256, 500_000.0, 1e-5, false)
+            },
             "llama-2-70b" => ModelSpec {
                 max_position_embeddings: 4096,
                 ..llama(8192, 28_672, 80, 64, 8, 32_000, 10_000.0, 1e-5, false)
@@ -248,11 +345,26 @@ mod tests {
     }
 
     #[test]
+    fn llama3_rope_scaling_is_read_and_applied() {
+        let spec = ModelSpec::preset("llama-3.1-8b").unwrap();
+        let json = spec.to_hf_config().to_string();
+        assert_eq!(ModelSpec::from_hf_config(&json, "c").unwrap(), spec);
+        let f = rope_inv_freq(&spec);
+        // High frequencies are kept, the lowest divided by the factor (Hugging Face's llama3 rule).
+        assert_eq!(f[0], 1.0);
+        let plain = 1.0 / 500_000f64.powf(2.0 * 63.0 / 128.0);
+        assert!((f[63] - plain / 8.0).abs() < 1e-15);
+        let bad = json.replace("llama3", "yarn");
+        assert!(ModelSpec::from_hf_config(&bad, "c").unwrap_err().contains("\"yarn\" is not supported"));
+    }
+
+    #[test]
     fn hf_config_errors_name_the_problem() {
         let bad = r#"{"model_type":"gpt2","hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10}"#;
         let e = ModelSpec::from_hf_config(bad, "x/config.json").unwrap_err();
         assert!(e.contains("gpt2") && e.contains("x/config.json"), "{e}");
-        let bad = r#"{"hidden_size":10,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":3,"vocab_size":10}"#;
+        let bad =
+            r#"{"hidden_size":10,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":3,"vocab_size":10}"#;
         let e = ModelSpec::from_hf_config(bad, "c.json").unwrap_err();
         assert!(e.contains("hidden_size (10)") && e.contains("num_attention_heads (3)"), "{e}");
     }

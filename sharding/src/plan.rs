@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// Why no plan exists, with the numbers a user needs to fix it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
-    #[error("{nodes} workers cannot split a global batch of {global_batch} sequences (each worker needs at least one); raise train.global_batch to >= {nodes} or use --nodes {global_batch}")]
+    #[error(
+        "{nodes} workers cannot split a global batch of {global_batch} sequences (each worker needs at least one); raise train.global_batch to >= {nodes} or use --nodes {global_batch}"
+    )]
     BatchTooSmall { nodes: usize, global_batch: usize },
     #[error("--nodes must be at least 1, got 0")]
     NoNodes,

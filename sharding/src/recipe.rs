@@ -187,10 +187,13 @@ impl Recipe {
 
     /// Checks every field and the facts between fields.
     pub fn validate(&self) -> Result<(), RecipeError> {
-        if self.name.is_empty()
-            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(err("name", format!("{:?}", self.name), "must be non-empty ASCII letters, digits, '-', '_' or '.'", "rename the recipe, e.g. name: tiny-cpu"));
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(err(
+                "name",
+                format!("{:?}", self.name),
+                "must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                "rename the recipe, e.g. name: tiny-cpu",
+            ));
         }
         self.validate_model()?;
         let t = &self.train;
@@ -207,7 +210,12 @@ impl Recipe {
             return Err(err("train.lr", t.lr, "must be in (0, 1)", "use e.g. train.lr: 3.0e-4"));
         }
         if t.warmup_steps > t.steps {
-            return Err(err("train.warmup_steps", t.warmup_steps, &format!("is more than train.steps ({})", t.steps), "lower train.warmup_steps"));
+            return Err(err(
+                "train.warmup_steps",
+                t.warmup_steps,
+                &format!("is more than train.steps ({})", t.steps),
+                "lower train.warmup_steps",
+            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return Err(err("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]", "use e.g. 0.1"));
@@ -231,25 +239,50 @@ impl Recipe {
             return Err(err("checkpoint.every", 0, "must be > 0", "checkpoint every N steps, e.g. 50"));
         }
         if c.dir.as_os_str().is_empty() {
-            return Err(err("checkpoint.dir", "\"\"", "must be a directory path", "e.g. checkpoint.dir: runs/tiny-cpu"));
+            return Err(err(
+                "checkpoint.dir",
+                "\"\"",
+                "must be a directory path",
+                "e.g. checkpoint.dir: runs/tiny-cpu",
+            ));
         }
         let d = &self.data;
         if d.dataset.as_os_str().is_empty() {
-            return Err(err("data.dataset", "\"\"", "must be a directory path", "e.g. data.dataset: runs/data/python-stdlib"));
+            return Err(err(
+                "data.dataset",
+                "\"\"",
+                "must be a directory path",
+                "e.g. data.dataset: runs/data/python-stdlib",
+            ));
         }
         if !(256..=1 << 20).contains(&d.vocab_size) {
-            return Err(err("data.vocab_size", d.vocab_size, "must be in [256, 1048576]", "use e.g. 2048 for a tiny model"));
+            return Err(err(
+                "data.vocab_size",
+                d.vocab_size,
+                "must be in [256, 1048576]",
+                "use e.g. 2048 for a tiny model",
+            ));
         }
         if d.max_bytes == 0 {
             return Err(err("data.max_bytes", 0, "must be > 0", "e.g. 8388608 (8 MiB)"));
         }
         if !SUPPORTED_ZERO_STAGES.contains(&self.parallel.zero_stage) {
-            return Err(err("parallel.zero_stage", self.parallel.zero_stage, "is not supported by this build", "use parallel.zero_stage: 1"));
+            return Err(err(
+                "parallel.zero_stage",
+                self.parallel.zero_stage,
+                "is not supported by this build",
+                "use parallel.zero_stage: 1",
+            ));
         }
         if let Some(spec) = &self.model.spec
             && t.seq_len > spec.max_position_embeddings
         {
-            return Err(err("train.seq_len", t.seq_len, &format!("is longer than the model's max_position_embeddings ({})", spec.max_position_embeddings), "shorten train.seq_len"));
+            return Err(err(
+                "train.seq_len",
+                t.seq_len,
+                &format!("is longer than the model's max_position_embeddings ({})", spec.max_position_embeddings),
+                "shorten train.seq_len",
+            ));
         }
         Ok(())
     }
@@ -258,15 +291,30 @@ impl Recipe {
         let m = &self.model;
         let sources = usize::from(m.preset.is_some()) + usize::from(m.hf_dir.is_some());
         if sources > 1 {
-            return Err(err("model", "preset and hf_dir", "are both set", "keep only one of model.preset and model.hf_dir"));
+            return Err(err(
+                "model",
+                "preset and hf_dir",
+                "are both set",
+                "keep only one of model.preset and model.hf_dir",
+            ));
         }
         if sources == 0 && m.spec.is_none() {
-            return Err(err("model", "{}", "names no model", &format!("set model.preset (one of {}) or model.hf_dir", ModelSpec::PRESETS.join(", "))));
+            return Err(err(
+                "model",
+                "{}",
+                "names no model",
+                &format!("set model.preset (one of {}) or model.hf_dir", ModelSpec::PRESETS.join(", ")),
+            ));
         }
         if let Some(p) = &m.preset
             && ModelSpec::preset(p).is_none()
         {
-            return Err(err("model.preset", format!("{p:?}"), "is not a known preset", &format!("use one of {}", ModelSpec::PRESETS.join(", "))));
+            return Err(err(
+                "model.preset",
+                format!("{p:?}"),
+                "is not a known preset",
+                &format!("use one of {}", ModelSpec::PRESETS.join(", ")),
+            ));
         }
         for (field, v) in [
             ("model.hidden_size", m.hidden_size),
@@ -288,18 +336,26 @@ impl Recipe {
 
     /// The model shape from a preset or config.json text plus the recipe's overrides, with the
     /// vocabulary of the dataset's tokenizer. Stores it in `model.spec` and re-validates.
-    pub fn resolve_model(&mut self, hf_config_json: Option<&str>, tokenizer_vocab: usize) -> Result<&ModelSpec, RecipeError> {
+    pub fn resolve_model(
+        &mut self,
+        hf_config_json: Option<&str>,
+        tokenizer_vocab: usize,
+    ) -> Result<&ModelSpec, RecipeError> {
         let m = &self.model;
         let mut spec = if let Some(spec) = &m.spec {
             spec.clone()
         } else if let Some(p) = &m.preset {
-            let mut s = ModelSpec::preset(p).ok_or_else(|| err("model.preset", p, "is not a known preset", "see swarm plan --help"))?;
+            let mut s = ModelSpec::preset(p)
+                .ok_or_else(|| err("model.preset", p, "is not a known preset", "see swarm plan --help"))?;
             s.vocab_size = tokenizer_vocab;
             s
         } else {
             let dir = m.hf_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-            let json = hf_config_json.ok_or_else(|| err("model.hf_dir", &dir, "has no config.json", "point model.hf_dir at a Hugging Face model directory"))?;
-            ModelSpec::from_hf_config(json, &format!("{dir}/config.json")).map_err(|e| err("model.hf_dir", &dir, &e, "use a Llama, Mistral or Qwen2 model"))?
+            let json = hf_config_json.ok_or_else(|| {
+                err("model.hf_dir", &dir, "has no config.json", "point model.hf_dir at a Hugging Face model directory")
+            })?;
+            ModelSpec::from_hf_config(json, &format!("{dir}/config.json"))
+                .map_err(|e| err("model.hf_dir", &dir, &e, "use a Llama, Mistral or Qwen2 model"))?
         };
         if let Some(v) = m.hidden_size {
             spec.hidden_size = v;
@@ -320,7 +376,12 @@ impl Recipe {
             spec.max_position_embeddings = v;
         }
         if spec.vocab_size < tokenizer_vocab {
-            return Err(err("model.vocab_size", spec.vocab_size, &format!("is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"), "use a tokenizer that matches the model (data.vocab_size or the model's tokenizer.json)"));
+            return Err(err(
+                "model.vocab_size",
+                spec.vocab_size,
+                &format!("is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"),
+                "use a tokenizer that matches the model (data.vocab_size or the model's tokenizer.json)",
+            ));
         }
         spec.check().map_err(|e| err("model", "(resolved shape)", &e, "fix the overrides under model:"))?;
         self.model.spec = Some(spec);

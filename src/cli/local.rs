@@ -52,9 +52,14 @@ impl LocalCluster {
         };
         let mut cluster =
             LocalCluster { addr: addr.clone(), log_dir: log_dir.to_path_buf(), coordinator, workers: Vec::new() };
+        // Local workers share this machine's cores: each gets its share for candle's thread pool,
+        // unless the user chose a number.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / nodes).max(1).to_string());
         for i in 0..nodes {
             let name = format!("local-{i}");
             let child = Command::new(&exe)
+                .env("RAYON_NUM_THREADS", &threads)
                 .args([
                     "worker",
                     "--coordinator",

@@ -84,7 +84,7 @@ impl SplitMix64 {
 impl Llama {
     /// Random initialisation (normal, std 0.02, as Hugging Face's `initializer_range`; norms at 1).
     pub fn init(spec: &ModelSpec, seed: u64, device: &Device) -> anyhow::Result<Llama> {
-        let mut rng = SplitMix64(seed ^ 0x5EED_0F_11A3A);
+        let mut rng = SplitMix64(seed ^ 0x05EE_D0F1_1A3A);
         let mut tensors = Vec::new();
         for (name, shape) in param_shapes(spec) {
             let n: usize = shape.iter().product();
@@ -165,14 +165,13 @@ impl Llama {
 
     /// cos and sin of the rotary angles for positions `0..seq_len`, each `[seq_len, head_dim/2]`.
     pub fn rope_tables(&self, seq_len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let hd = self.spec.head_dim();
-        let theta = self.spec.rope_theta;
+        let inv_freq = swarm_sharding::model::rope_inv_freq(&self.spec);
+        let hd = 2 * inv_freq.len();
         let mut cos = Vec::with_capacity(seq_len * hd / 2);
         let mut sin = Vec::with_capacity(seq_len * hd / 2);
         for pos in 0..seq_len {
-            for i in 0..hd / 2 {
-                let inv_freq = 1.0 / theta.powf(2.0 * i as f64 / hd as f64);
-                let a = pos as f64 * inv_freq;
+            for f in &inv_freq {
+                let a = pos as f64 * f;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }
@@ -200,8 +199,8 @@ impl Llama {
             let q = self.linear(&h, &p("self_attn.q_proj"))?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
             let kk = self.linear(&h, &p("self_attn.k_proj"))?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
             let v = self.linear(&h, &p("self_attn.v_proj"))?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
-            let q = k::rope(&q.contiguous()?, &cos, &sin)?;
-            let kk = repeat_kv(&k::rope(&kk.contiguous()?, &cos, &sin)?, nh / nkv)?;
+            let q = k::rope(&q, &cos, &sin)?;
+            let kk = repeat_kv(&k::rope(&kk, &cos, &sin)?, nh / nkv)?;
             let v = repeat_kv(&v.contiguous()?, nh / nkv)?;
             let scores = (q.matmul(&kk.t()?)? * scale)?.broadcast_add(&mask)?;
             let probs = k::softmax_last_dim(&scores)?;

@@ -38,7 +38,7 @@ pub fn assignment_from_proto(t: pb::TrainAssignment) -> anyhow::Result<Assignmen
         world_size: t.world_size,
         peers,
         recipe,
-        resume: (!t.resume_dir.is_empty()).then(|| ResumePoint { dir: t.resume_dir, step: Step(t.start_step) }),
+        resume: (!t.resume_dir.is_empty()).then_some(ResumePoint { dir: t.resume_dir, step: Step(t.start_step) }),
         share: BatchShare { rank: Rank(t.rank), offset: t.batch_offset as usize, count: t.batch_count as usize },
         attempt: t.attempt,
     })

@@ -212,7 +212,10 @@ mod tests {
     use super::*;
     use swarm_sharding::WorkerId;
 
-    fn run_group(world: usize, len: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f64>, u64)> {
+    /// Per rank: its reduced chunk, the all-gathered buffer, the small all-reduce, bytes sent.
+    type RankResult = (Vec<f32>, Vec<f32>, Vec<f64>, u64);
+
+    fn run_group(world: usize, len: usize) -> Vec<RankResult> {
         let planes: Vec<DataPlane> = (0..world).map(|_| DataPlane::bind("127.0.0.1:0").unwrap()).collect();
         let peers: Vec<Peer> = planes
             .iter()

@@ -1,0 +1,163 @@
+//! Mean softmax cross-entropy over rows of logits, never materialising the probabilities.
+//!
+//! `loss = mean_i (logsumexp(l_i) - l_i[t_i])`; backward with the scalar loss gradient `g`:
+//! `dl_i = (softmax(l_i) - onehot(t_i)) * g / n`.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
+use crate::error::{KernelError, expect_float};
+use crate::reference;
+
+const OP: &str = "cross_entropy";
+
+/// Mean cross-entropy of `logits` (`[n, v]`, f32/bf16/f16) against class indices `targets`
+/// (`[n]`, u32, each `< v`). Returns a rank-0 f32 tensor (the loss is f32 whatever the logits'
+/// dtype).
+///
+/// Differentiable with respect to `logits`. On CPU it runs the fused kernel (logsumexp per row,
+/// summed in f64 in row order); on other devices [`reference::cross_entropy`].
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, v) = match logits.dims() {
+        &[n, v] if n > 0 && v > 0 => (n, v),
+        dims => {
+            return Err(KernelError::Shape {
+                op: OP,
+                what: "logits",
+                got: dims.to_vec(),
+                expected: "[n, v] with n > 0 rows and v > 0 classes".to_string(),
+            }
+            .into());
+        }
+    };
+    if targets.dims() != [n] {
+        return Err(KernelError::Shape {
+            op: OP,
+            what: "targets",
+            got: targets.dims().to_vec(),
+            expected: format!("[{n}] (one class index per row of logits)"),
+        }
+        .into());
+    }
+    if targets.dtype() != DType::U32 {
+        return Err(KernelError::UnsupportedDType { op: OP, what: "targets", dtype: targets.dtype() }.into());
+    }
+    if !logits.device().is_cpu() {
+        return reference::cross_entropy(logits, targets);
+    }
+    expect_float(OP, "logits", logits)?;
+    let logits = cpu::unit_last_stride(logits)?;
+    logits.apply_op2(&targets.contiguous()?, CrossEntropy { vocab: v })
+}
+
+struct CrossEntropy {
+    vocab: usize,
+}
+
+/// Checks every target against the vocabulary size.
+fn targets<'a>(s: &'a CpuStorage, l: &Layout, vocab: usize) -> Result<&'a [u32]> {
+    let t = cpu::contiguous(OP, "targets", s.as_slice::<u32>()?, l)?;
+    if let Some((row, &target)) = t.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+        return Err(KernelError::TargetOutOfRange { op: OP, row, target, vocab }.into());
+    }
+    Ok(t)
+}
+
+/// `(max, Σ exp(l - max))` of a row.
+#[inline]
+fn max_and_sum_exp<T: Elem>(row: &[T]) -> (f32, f32) {
+    let m = cpu::max_f32(row);
+    (m, cpu::sum_map(row, |v| cpu::exp(ld(v) - m)))
+}
+
+impl CrossEntropy {
+    fn fwd<T: Elem>(&self, logits: &[T], ll: &Layout, t: &[u32]) -> Result<(CpuStorage, Shape)> {
+        let rows = Rows::new(OP, "logits", ll)?;
+        let mut losses = vec![0f32; rows.count];
+        cpu::for_row_chunks(rows.count, 2 * self.vocab, &mut losses, 1, |range, chunk| {
+            for (r, loss) in range.zip(chunk) {
+                let lr = rows.row(logits, r);
+                let (m, s) = max_and_sum_exp(lr);
+                // `ln s - (l_t - m)`, not `m + ln s - l_t`: no cancellation when the loss is small.
+                *loss = s.ln() - (ld(lr[t[r] as usize]) - m);
+            }
+        });
+        let sum: f64 = losses.iter().map(|&l| f64::from(l)).sum();
+        let mean = (sum / losses.len() as f64) as f32;
+        Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
+    }
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let t = targets(s2, l2, self.vocab)?;
+        dispatch_float!(OP, (s1), |logits| self.fwd(logits, l1, t))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !logits.track_op() {
+            return Ok((None, None));
+        }
+        let op = CrossEntropyBwd { vocab: self.vocab };
+        let dl = logits.apply_op3_no_bwd(targets, &g.to_dtype(DType::F32)?, &op)?;
+        Ok((Some(dl), None))
+    }
+}
+
+/// Inputs `(logits, targets, g)` with `g` the rank-0 f32 loss gradient; output `dlogits`.
+struct CrossEntropyBwd {
+    vocab: usize,
+}
+
+impl CrossEntropyBwd {
+    fn run<T: Elem>(&self, logits: &[T], ll: &Layout, t: &[u32], g: f32) -> Result<(CpuStorage, Shape)> {
+        let rows = Rows::new(OP, "logits", ll)?;
+        let (n, v) = (rows.count, self.vocab);
+        let scale = g / n as f32;
+        let mut out = vec![T::zero(); n * v];
+        cpu::for_row_chunks(n, 3 * v, &mut out, v, |range, chunk| {
+            for (r, o) in range.zip(chunk.chunks_exact_mut(v)) {
+                let lr = rows.row(logits, r);
+                let (m, s) = max_and_sum_exp(lr);
+                let k = scale / s;
+                for (o, &l) in o.iter_mut().zip(lr) {
+                    *o = st(cpu::exp(ld(l) - m) * k);
+                }
+                let tr = t[r] as usize;
+                o[tr] = st(cpu::exp(ld(lr[tr]) - m) * k - scale);
+            }
+        });
+        Ok((T::to_cpu_storage_owned(out), ll.shape().clone()))
+    }
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "cross_entropy_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = targets(s2, l2, self.vocab)?;
+        let g = cpu::contiguous(OP, "grad", s3.as_slice::<f32>()?, l3)?;
+        let g = g.first().copied().unwrap_or(0.0);
+        dispatch_float!(OP, (s1), |logits| self.run(logits, l1, t, g))
+    }
+}
