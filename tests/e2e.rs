@@ -322,3 +322,23 @@ fn standalone_coordinator_keeps_its_jobs_across_a_restart() {
     }
     up.wait().unwrap();
 }
+
+/// A tiny random LlamaForCausalLM (GQA, llama3 rope scaling, random norm weights) saved by
+/// Hugging Face transformers 5.17 with `bench/hf_reference.py make-fixture`; `expected.json` is
+/// transformers' own cross-entropy on `text.txt` in float64. Our model must reproduce it from
+/// the same files: same tensor names, layouts and maths.
+#[test]
+fn eval_matches_hugging_face_transformers_on_its_own_checkpoint() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-tiny");
+    let expected: Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    let seq_len = expected["seq_len"].as_u64().unwrap().to_string();
+    let text_file = dir.join("text.txt");
+    let o = swarm(&["eval", "--model", dir.to_str().unwrap(), "--text", text_file.to_str().unwrap(), "--seq-len", &seq_len, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["tokens", "windows", "predicted_tokens"] {
+        assert_eq!(got[k], expected[k], "{k}");
+    }
+    let (a, b) = (got["mean_cross_entropy"].as_f64().unwrap(), expected["mean_cross_entropy"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-5 * b, "swarm {a} vs transformers {b}");
+}

@@ -77,8 +77,11 @@ struct HfConfig {
     vocab_size: usize,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: usize,
-    #[serde(default = "default_rope_theta")]
-    rope_theta: f64,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    /// transformers >= 5 writes `rope_theta` and the scaling here instead.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
@@ -123,8 +126,18 @@ impl ModelSpec {
         {
             return Err(format!("{source}: hidden_act = {act:?} is not supported; only \"silu\" (SwiGLU)"));
         }
-        let rope_scaling = match &c.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
+        let params = c.rope_parameters.as_ref().filter(|v| v.is_object());
+        let rope_theta = c
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(serde_json::Value::as_f64))
+            .unwrap_or_else(default_rope_theta);
+        let scaling = match (&c.rope_scaling, params) {
+            (Some(v), _) if !v.is_null() => Some(v),
+            (_, Some(p)) if p.get("rope_type").and_then(|t| t.as_str()).is_some_and(|t| t != "default") => Some(p),
+            _ => None,
+        };
+        let rope_scaling = match scaling {
+            None => None,
             Some(v) => {
                 let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("?");
                 if kind != "llama3" {
@@ -160,7 +173,7 @@ impl ModelSpec {
             num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
             vocab_size: c.vocab_size,
             max_position_embeddings: c.max_position_embeddings,
-            rope_theta: c.rope_theta,
+            rope_theta,
             rms_norm_eps: c.rms_norm_eps,
             tie_word_embeddings: c.tie_word_embeddings,
             attention_bias: c.attention_bias.unwrap_or(model_type == "qwen2"),
@@ -356,6 +369,20 @@ mod tests {
         assert!((f[63] - plain / 8.0).abs() < 1e-15);
         let bad = json.replace("llama3", "yarn");
         assert!(ModelSpec::from_hf_config(&bad, "c").unwrap_err().contains("\"yarn\" is not supported"));
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        let v5 = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,
+            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let s = ModelSpec::from_hf_config(v5, "c").unwrap();
+        assert_eq!(s.rope_theta, 500_000.0);
+        assert_eq!(s.rope_scaling.unwrap().factor, 8.0);
+        let plain = v5.replace("\"llama3\"", "\"default\"");
+        let s = ModelSpec::from_hf_config(&plain, "c").unwrap();
+        assert_eq!((s.rope_theta, s.rope_scaling), (500_000.0, None));
     }
 
     #[test]
