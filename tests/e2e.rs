@@ -259,6 +259,16 @@ fn bad_recipes_fail_with_field_value_and_fix() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want) && err.contains(p.to_str().unwrap()), "case {i}: want {want:?} in:\n{err}");
     }
+    // A fresh run refuses to write over committed checkpoints.
+    let (ck, _) = uninterrupted(1);
+    let done = ck.parent().unwrap().join("recipe.yaml");
+    let o = swarm(&["train", "--local", "--nodes", "1", "--recipe", done.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pass --resume to continue from it, --overwrite"),
+        "{}",
+        text(&o)
+    );
     let o = swarm(&["train", "--local", "--nodes", "9", "--recipe", recipe("bad-nodes", "").to_str().unwrap()]);
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("raise train.global_batch to >= 9 or use --nodes 8"),
@@ -333,7 +343,16 @@ fn eval_matches_hugging_face_transformers_on_its_own_checkpoint() {
     let expected: Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
     let seq_len = expected["seq_len"].as_u64().unwrap().to_string();
     let text_file = dir.join("text.txt");
-    let o = swarm(&["eval", "--model", dir.to_str().unwrap(), "--text", text_file.to_str().unwrap(), "--seq-len", &seq_len, "--json"]);
+    let o = swarm(&[
+        "eval",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        text_file.to_str().unwrap(),
+        "--seq-len",
+        &seq_len,
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let got: Value = serde_json::from_slice(&o.stdout).unwrap();
     for k in ["tokens", "windows", "predicted_tokens"] {

@@ -30,6 +30,9 @@ pub struct TrainArgs {
     /// Always start a local coordinator and workers, even if one answers at the default address.
     #[arg(long)]
     pub local: bool,
+    /// Start from scratch even though checkpoint.dir holds committed checkpoints (they are deleted).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Print the final job status as JSON (with the loss of every step) instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -109,6 +112,27 @@ pub async fn submit_and_follow(
     Ok(status)
 }
 
+/// A fresh run never writes over committed checkpoints unless asked to.
+fn guard_existing_checkpoints(recipe: &Recipe, a: &TrainArgs) -> anyhow::Result<()> {
+    use swarm_coordinator::checkpoint::{latest_committed, prune};
+    let dir = &recipe.checkpoint.dir;
+    if a.resume {
+        return Ok(());
+    }
+    let Some(latest) = latest_committed(dir)? else { return Ok(()) };
+    if !a.overwrite {
+        bail!(
+            "checkpoint.dir {} already holds committed checkpoints (latest: {}); pass --resume to continue from it, --overwrite to delete them and start again, or set another checkpoint.dir",
+            dir.display(),
+            latest.dir
+        );
+    }
+    while let Some(p) = latest_committed(dir)? {
+        prune(std::path::Path::new(&p.dir))?;
+    }
+    Ok(())
+}
+
 pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut recipe = super::recipe::load(&a.recipe)?;
     if a.nodes == 0 {
@@ -117,6 +141,7 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     split_batch(a.nodes, recipe.train.global_batch)
         .map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
     let show = !a.json;
+    guard_existing_checkpoints(&recipe, &a)?;
     super::recipe::ensure_dataset(&recipe, &a.recipe, show)?;
     super::recipe::resolve(&mut recipe, &a.recipe)?;
 
