@@ -277,36 +277,86 @@ fn bad_recipes_fail_with_field_value_and_fix() {
     );
 }
 
+/// Starts `swarm up` on a free loopback port; returns the process and its address.
+fn start_coordinator(state: &Path) -> (std::process::Child, String) {
+    let mut up = Command::new(BIN)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir", state.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(up.stdout.take().unwrap()), &mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("swarm coordinator listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
+    (up, addr)
+}
+
+fn start_worker(addr: &str, name: &str) -> std::process::Child {
+    Command::new(BIN)
+        .args(["worker", "--coordinator", addr, "--name", name, "--data-listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGKILL one worker mid-job: the job fails within seconds, naming the lost worker; nothing hangs.
+#[test]
+fn killing_a_worker_fails_the_job_quickly_and_names_it() {
+    let (up, addr) = start_coordinator(&scratch().join("kill-state"));
+    let mut victim = start_worker(&addr, "victim");
+    let other = start_worker(&addr, "survivor");
+    let r = recipe("kill-worker", "");
+    let yaml = std::fs::read_to_string(&r).unwrap().replace("steps: 20,", "steps: 100000,");
+    std::fs::write(&r, yaml).unwrap();
+    let mut train = Command::new(BIN)
+        .args(["train", "--coordinator", &addr, "--nodes", "2", "--json", "--recipe", r.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ck = r.parent().unwrap().join("ck/step-000005/manifest.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ck.is_file() {
+        assert!(Instant::now() < deadline, "the job did not reach step 5");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill().unwrap();
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(s) = train.try_wait().unwrap() {
+            break s;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(10), "the job did not fail within 10 s of the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = train.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success());
+    assert!(err.contains("victim") && err.contains("failed"), "{err}");
+    eprintln!("failed {:?} after the kill: {}", killed_at.elapsed(), err.trim());
+    // The survivor is free again and the coordinator still answers.
+    let o = swarm(&["status", "--coordinator", &addr, "--json"]);
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["jobs"][0]["state"], "failed");
+    for mut p in [other, up] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+    victim.wait().unwrap();
+}
+
 /// A coordinator started by hand, workers joining it, `swarm status`, and a restart that keeps the jobs.
 #[test]
 fn standalone_coordinator_keeps_its_jobs_across_a_restart() {
     let state = scratch().join("up-state");
-    let start_up = || {
-        let mut up = Command::new(BIN)
-            .args(["up", "--listen", "127.0.0.1:0", "--data-dir", state.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(up.stdout.take().unwrap()), &mut line).unwrap();
-        let addr =
-            line.trim().strip_prefix("swarm coordinator listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
-        (up, addr)
-    };
+    let start_up = || start_coordinator(&state);
     let (mut up, addr) = start_up();
-    let workers: Vec<_> = (0..2)
-        .map(|i| {
-            Command::new(BIN)
-                .args(["worker", "--coordinator", &addr, "--name", &format!("box{i}"), "--data-listen", "127.0.0.1:0"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let workers: Vec<_> = (0..2).map(|i| start_worker(&addr, &format!("box{i}"))).collect();
     let r = recipe("standalone", "");
     let o = swarm(&["train", "--coordinator", &addr, "--nodes", "2", "--json", "--recipe", r.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
