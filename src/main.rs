@@ -22,10 +22,15 @@ enum Command {
     /// Submit a training job and follow it. Without a coordinator, starts a local one with
     /// --nodes local workers, and stops them at the end.
     Train(cli::train::TrainArgs),
+    /// Plan a recipe on a cluster: pipeline stages, memory per device, predicted step time and
+    /// tokens/s, before anything is downloaded.
+    Plan(cli::plan::PlanArgs),
     /// Show the coordinator's jobs and workers.
     Status(cli::status::StatusArgs),
     /// Mean next-token cross-entropy and perplexity of a model directory on a text file.
     Eval(cli::eval::EvalArgs),
+    /// Check this machine: CPU, GPUs, CUDA libraries, a kernel launch, NCCL.
+    Doctor(cli::doctor::DoctorArgs),
     /// Prepare datasets.
     Data {
         #[command(subcommand)]
@@ -69,7 +74,13 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let quiet_default = matches!(
         args.command,
-        Command::Train(_) | Command::Eval(_) | Command::Status(_) | Command::Data { .. } | Command::Bench { .. }
+        Command::Train(_)
+            | Command::Eval(_)
+            | Command::Status(_)
+            | Command::Doctor(_)
+            | Command::Plan(_)
+            | Command::Data { .. }
+            | Command::Bench { .. }
     );
     cli::init_tracing(if quiet_default { "warn" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -85,7 +96,9 @@ fn main() -> std::process::ExitCode {
             Command::Worker(a) => cli::worker::run(a).await,
             Command::Train(a) => cli::train::run(a).await,
             Command::Status(a) => cli::status::run(a).await,
+            Command::Plan(a) => cli::plan::run(a).await,
             Command::Eval(a) => cli::eval::run(a).await,
+            Command::Doctor(a) => cli::doctor::run(a).await,
             Command::Data { command: DataCommand::Prepare(a) } => cli::data::run(a).await,
             Command::Bench { command: BenchCommand::Train(a) } => cli::bench::run(a).await,
         }

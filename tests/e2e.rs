@@ -68,15 +68,20 @@ fn dataset() -> &'static Path {
 }
 
 fn recipe(name: &str, extra_train: &str) -> PathBuf {
+    recipe_steps(name, extra_train, STEPS)
+}
+
+fn recipe_steps(name: &str, extra_train: &str, steps: u64) -> PathBuf {
     let dir = scratch().join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let yaml = format!(
         "name: {name}\nmodel: {{ preset: tiny, hidden_size: 64, intermediate_size: 160, num_layers: 2, num_heads: 4, num_kv_heads: 2 }}\n\
          data: {{ dataset: {ds} }}\n\
-         train: {{ steps: {STEPS}, seq_len: 32, global_batch: 8, seed: 7, lr: 0.01, warmup_steps: 4{extra_train} }}\n\
-         checkpoint: {{ dir: {ck}, every: 5, keep: 0 }}\n",
+         train: {{ steps: {steps}, seq_len: 32, global_batch: 8, seed: 7, lr: 0.01, warmup_steps: 4{extra_train} }}\n\
+         checkpoint: {{ dir: {ck}, every: {every}, keep: 0 }}\n",
         ds = dataset().display(),
-        ck = dir.join("ck").display()
+        ck = dir.join("ck").display(),
+        every = if steps > STEPS { 10 } else { 5 },
     );
     let p = dir.join("recipe.yaml");
     std::fs::write(&p, yaml).unwrap();
@@ -172,8 +177,11 @@ fn one_and_two_workers_train_the_same_model_and_the_loss_falls() {
 
 #[test]
 fn killed_run_resumes_with_the_losses_of_an_uninterrupted_run() {
-    let (_, full) = uninterrupted(2);
-    let r = recipe("killed", "");
+    // 60 steps, killed at the first committed checkpoint (step 10): 50 steps of margin, so the
+    // kill always lands before the run could finish.
+    const LONG: u64 = 60;
+    let full = train_json(&recipe_steps("uninterrupted-60", "", LONG), 2, false);
+    let r = recipe_steps("killed", "", LONG);
     let ck = r.parent().unwrap().join("ck");
     let mut child = Command::new(BIN)
         .args(["train", "--local", "--nodes", "2", "--recipe", r.to_str().unwrap()])
@@ -192,9 +200,9 @@ fn killed_run_resumes_with_the_losses_of_an_uninterrupted_run() {
     child.wait().unwrap();
     let resumed = train_json(&r, 2, true);
     let start = resumed["start_step"].as_u64().unwrap();
-    assert!((10..STEPS).contains(&start), "resumed from step {start}");
+    assert!((10..LONG).contains(&start), "resumed from step {start}");
     let got = losses(&resumed);
-    let want = &losses(full)[start as usize..];
+    let want = &losses(&full)[start as usize..];
     assert_close(&got, want, 1e-5, "resumed vs uninterrupted");
 }
 

@@ -341,6 +341,7 @@ impl Coordinator {
         resume: Option<ResumePoint>,
     ) -> Result<JobId, Rejection> {
         recipe.validate().map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
+        recipe.check_supported_by_executor().map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
         if recipe.spec().is_none() {
             return Err(Rejection::Invalid("recipe: model.spec is not resolved; submit through `swarm train`".into()));
         }

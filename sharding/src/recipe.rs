@@ -4,6 +4,7 @@
 //! [`Recipe::validate`] checks every value and the facts that tie fields together. Each error
 //! names the field, the value and the fix.
 
+use crate::finetune::{FinetuneSection, OptimizerKind};
 use crate::model::ModelSpec;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ pub struct Recipe {
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub parallel: ParallelSection,
+    /// What is trained: every weight (the default), LoRA or QLoRA adapters.
+    #[serde(default, skip_serializing_if = "FinetuneSection::is_default")]
+    pub finetune: FinetuneSection,
 }
 
 /// Which model to train: a preset or a Hugging Face directory, with optional overrides.
@@ -116,6 +120,27 @@ pub struct TrainSection {
     /// Clip the global gradient norm to this; 0 disables clipping.
     #[serde(default = "default_clip")]
     pub grad_clip: f64,
+    #[serde(default, skip_serializing_if = "is_default_optimizer")]
+    pub optimizer: OptimizerKind,
+    /// Whether the planner may recompute activations in the backward pass to save memory.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub activation_checkpointing: bool,
+    /// Whether the planner may keep weights, gradients and optimizer state in host RAM.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cpu_offload: bool,
+}
+
+fn is_default_optimizer(o: &OptimizerKind) -> bool {
+    *o == OptimizerKind::default()
+}
+fn default_true() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_seed() -> u64 {
@@ -274,6 +299,7 @@ impl Recipe {
                 "use parallel.zero_stage: 1",
             ));
         }
+        self.finetune.validate()?;
         if let Some(spec) = &self.model.spec
             && t.seq_len > spec.max_position_embeddings
         {

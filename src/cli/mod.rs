@@ -2,8 +2,10 @@
 
 pub mod bench;
 pub mod data;
+pub mod doctor;
 pub mod eval;
 pub mod local;
+pub mod plan;
 pub mod recipe;
 pub mod status;
 pub mod train;

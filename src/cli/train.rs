@@ -135,6 +135,7 @@ fn guard_existing_checkpoints(recipe: &Recipe, a: &TrainArgs) -> anyhow::Result<
 
 pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut recipe = super::recipe::load(&a.recipe)?;
+    recipe.check_supported_by_executor().map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
     if a.nodes == 0 {
         bail!("--nodes must be at least 1, got 0");
     }

@@ -17,6 +17,9 @@ pub struct WorkerArgs {
     /// Host name or IP that peers should dial (default: the address used to reach the coordinator).
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// The device to train on: auto (the first CUDA GPU in a CUDA build, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "SWARM_DEVICE", default_value = "auto")]
+    pub device: String,
     #[arg(long, hide = true)]
     pub exit_with_parent: Option<u32>,
 }
@@ -34,6 +37,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         name: a.name.unwrap_or_else(hostname),
         data_listen: a.data_listen,
         advertise_host: a.advertise_host,
+        device: a.device,
     };
     tokio::select! {
         r = daemon::run(opts) => r,

@@ -29,6 +29,8 @@ pub struct WorkerOptions {
     pub data_listen: String,
     /// The host peers should dial; by default the address this machine uses to reach the coordinator.
     pub advertise_host: Option<String>,
+    /// The device to train on: `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 type Client = CoordinatorClient<Channel>;
@@ -60,6 +62,9 @@ struct Running {
 }
 
 pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
+    // A bad --device fails now, not when the first job arrives.
+    let device = crate::device::select(&opts.device)?;
+    info!(device = ?device, "training device");
     let dp = Arc::new(DataPlane::bind(&opts.data_listen)?);
     let port = dp.local_addr().port();
     let host = match &opts.advertise_host {
@@ -98,7 +103,8 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             .into_inner();
         let worker = WorkerId(reg.worker_id);
         info!(%worker, coordinator = %opts.coordinator, %data_addr, "registered");
-        let session = serve(client, worker, reg.heartbeat_interval_ms, dp.clone(), running.clone());
+        let session =
+            serve(client, worker, reg.heartbeat_interval_ms, dp.clone(), running.clone(), opts.device.clone());
         if let Err(e) = session.instrument(info_span!("worker", %worker)).await {
             warn!("lost the coordinator: {e:#}; registering again");
         }
@@ -118,6 +124,7 @@ async fn serve(
     heartbeat_ms: u64,
     dp: Arc<DataPlane>,
     running: Arc<Mutex<Option<Running>>>,
+    device: String,
 ) -> anyhow::Result<()> {
     let mut hb_client = client.clone();
     let heartbeats = async move {
@@ -139,7 +146,9 @@ async fn serve(
                 Some(pb::assignment::Kind::Train(t)) => {
                     let job = JobId(t.job_id);
                     match proto_conv::assignment_from_proto(t) {
-                        Ok(a) => start_job(client.clone(), worker, a, dp.clone(), running.clone()).await,
+                        Ok(a) => {
+                            start_job(client.clone(), worker, a, dp.clone(), running.clone(), device.clone()).await
+                        }
                         Err(e) => report_result(&mut client.clone(), job, worker, 0, Err(format!("{e:#}")), 0).await,
                     }
                 }
@@ -189,6 +198,7 @@ async fn start_job(
     a: Assignment,
     dp: Arc<DataPlane>,
     running: Arc<Mutex<Option<Running>>>,
+    device: String,
 ) {
     let mut slot = running.lock().await;
     if let Some(r) = slot.as_ref() {
@@ -260,6 +270,7 @@ async fn start_job(
                 }),
                 cancel: cancel.clone(),
                 aborter,
+                device,
             };
             let a3 = a.clone();
             let result = tokio::task::spawn_blocking(move || train::run(&a3, ctx)).await;

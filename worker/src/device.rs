@@ -43,7 +43,7 @@ pub fn measure_cpu_tflops() -> f64 {
 }
 
 /// NVIDIA GPUs the kernel driver knows about (names only; a CPU build does not load CUDA).
-fn nvidia_gpus() -> Vec<DeviceInfo> {
+pub fn nvidia_gpus() -> Vec<DeviceInfo> {
     let Ok(dirs) = std::fs::read_dir("/proc/driver/nvidia/gpus") else { return Vec::new() };
     let mut names: Vec<String> = dirs
         .filter_map(|d| std::fs::read_to_string(d.ok()?.path().join("information")).ok())
@@ -67,7 +67,54 @@ fn nvidia_gpus() -> Vec<DeviceInfo> {
         .collect()
 }
 
-/// This machine's devices: the CPU (measured) and any CUDA GPUs (detected).
+/// CUDA devices: measured through CUDA in a `cuda` build, else only named from the driver's
+/// /proc entries (a CPU build cannot use them).
+fn cuda_devices() -> Vec<DeviceInfo> {
+    #[cfg(feature = "cuda")]
+    match crate::gpu::detect() {
+        Ok(d) => return d,
+        Err(e) => tracing::warn!("CUDA detection failed, listing GPUs by name only: {e:#}"),
+    }
+    nvidia_gpus()
+}
+
+/// Which device a worker trains on: `auto` (the first CUDA device in a `cuda` build, else the
+/// CPU), `cpu`, `cuda` or `cuda:N`.
+pub fn select(spec: &str) -> anyhow::Result<Device> {
+    let cuda = |ordinal: usize| -> anyhow::Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            let n = crate::gpu::device_count()?;
+            if ordinal >= n {
+                anyhow::bail!("--device cuda:{ordinal}: this machine has {n} CUDA device(s)");
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            anyhow::bail!(
+                "--device cuda:{ordinal}: this swarm was built without CUDA; rebuild with `cargo build --release --features cuda` (needs nvcc), or use --device cpu"
+            )
+        }
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        "auto" => {
+            #[cfg(feature = "cuda")]
+            if crate::gpu::device_count().unwrap_or(0) > 0 {
+                return cuda(0);
+            }
+            Ok(Device::Cpu)
+        }
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => cuda(n),
+            None => anyhow::bail!("--device {s}: use auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// This machine's devices: the CPU (measured) and any CUDA GPUs.
 pub fn detect() -> Vec<DeviceInfo> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let mut out = vec![DeviceInfo {
@@ -79,6 +126,6 @@ pub fn detect() -> Vec<DeviceInfo> {
         measured_tflops: measure_cpu_tflops(),
         cores,
     }];
-    out.extend(nvidia_gpus());
+    out.extend(cuda_devices());
     out
 }

@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod data;
 pub mod device;
 pub mod eval;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod proto_conv;
 pub mod train;

@@ -50,11 +50,8 @@ pub struct TrainContext {
     pub report: Box<dyn FnMut(Report) -> anyhow::Result<()> + Send>,
     pub cancel: Arc<AtomicBool>,
     pub aborter: Aborter,
-}
-
-/// The device this worker trains on.
-pub fn training_device() -> anyhow::Result<Device> {
-    Ok(Device::Cpu)
+    /// Which device to train on (`auto`, `cpu`, `cuda`, `cuda:N`).
+    pub device: String,
 }
 
 /// Peak resident memory of this process (VmHWM), 0 where unknown.
@@ -125,7 +122,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let recipe = &a.recipe;
     let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
     let t = &recipe.train;
-    let device = training_device()?;
+    let device: Device = crate::device::select(&ctx.device)?;
     let dataset = Dataset::open(&recipe.data.dataset)?;
     if dataset.info().vocab_size as usize > spec.vocab_size {
         bail!(
