@@ -419,3 +419,25 @@ fn eval_matches_hugging_face_transformers_on_its_own_checkpoint() {
     let (a, b) = (got["mean_cross_entropy"].as_f64().unwrap(), expected["mean_cross_entropy"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-5 * b, "swarm {a} vs transformers {b}");
 }
+
+/// A checkpoint written by 2 workers continues on 1 worker (optimizer state resharded) exactly as
+/// it continues on 2.
+#[test]
+fn resume_on_another_worker_count_reshards_the_optimizer_state() {
+    let (ck2, _) = uninterrupted(2);
+    let mut runs = Vec::new();
+    for nodes in [1usize, 2] {
+        let r = recipe_steps(&format!("reshard-{nodes}"), "", STEPS + 5);
+        let dst = r.parent().unwrap().join("ck").join(format!("step-{STEPS:06}"));
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in std::fs::read_dir(ck2.join(format!("step-{STEPS:06}"))).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+        let v = train_json(&r, nodes, true);
+        assert_eq!(v["start_step"], STEPS, "{v}");
+        runs.push(losses(&v));
+    }
+    assert_eq!(runs[0].len(), 5);
+    assert_close(&runs[0], &runs[1], LOSS_RTOL, "resumed on 1 vs 2 workers");
+}

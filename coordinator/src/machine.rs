@@ -543,8 +543,28 @@ impl Coordinator {
             return;
         }
         let final_committed = j.committed.last().is_some_and(|p| p.step == j.total_steps());
-        if j.progress.results.values().all(|r| r.ok) && final_committed {
+        if !j.progress.results.values().all(|r| r.ok) {
+            return;
+        }
+        if final_committed {
             self.end_job(job, JobState::Succeeded, String::new(), cmds);
+        } else if j.progress.commit_in_flight.is_empty() {
+            // Every rank sends its checkpoint report before its result, so nothing more will
+            // arrive: a rank's report of the final checkpoint was lost.
+            let total = j.total_steps();
+            let missing: Vec<String> = match j.progress.checkpoints.get(&total) {
+                Some(agg) => (0..j.workers.len() as u32)
+                    .map(Rank)
+                    .filter(|r| !agg.ranks.contains_key(r))
+                    .map(|r| r.to_string())
+                    .collect(),
+                None => vec!["every rank".into()],
+            };
+            let reason = format!(
+                "all ranks finished, but the checkpoint of {total} was never reported by {}; nothing was committed for the last step",
+                missing.join(", ")
+            );
+            self.end_job(job, JobState::Failed, reason, cmds);
         }
     }
 
@@ -574,8 +594,11 @@ impl Coordinator {
             if let Some(e) = self.workers.get_mut(&w)
                 && e.job == Some(job)
             {
-                e.job = None;
-                if state != JobState::Succeeded {
+                if state == JobState::Succeeded {
+                    e.job = None;
+                } else {
+                    // The worker stays busy until it reports that it stopped (JobResult), so
+                    // no new job is given to a worker that is still unwinding this one.
                     cmds.push(Command::Cancel { worker: w, job, reason: reason.clone() });
                 }
             }

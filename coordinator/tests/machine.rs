@@ -218,6 +218,70 @@ fn non_finite_loss_fails_the_job() {
 }
 
 #[test]
+fn a_lost_final_checkpoint_report_fails_the_job_instead_of_hanging() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 2, 2);
+    c.step(1, ckpt(job, ws[0], 0, 2)).unwrap(); // rank1's report never arrives
+    for (r, w) in ws.iter().enumerate() {
+        c.step(
+            2,
+            Event::JobResult {
+                job,
+                worker: *w,
+                rank: Rank(r as u32),
+                ok: true,
+                error: String::new(),
+                last_step: Step(2),
+            },
+        )
+        .unwrap();
+    }
+    let j = c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.error.as_ref().unwrap().contains("never reported by rank1"), "{:?}", j.error);
+}
+
+#[test]
+fn workers_of_a_failed_job_stay_busy_until_they_report_stopping() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 10, 2);
+    c.step(1, Event::Cancel { job, reason: "user".into() }).unwrap();
+    // A second job must not be handed to workers that have not stopped yet.
+    let (job2, cmds) = submit(&mut c, 2, 10, 2);
+    assert!(assigns(&cmds).is_empty());
+    c.step(
+        3,
+        Event::JobResult {
+            job,
+            worker: ws[0],
+            rank: Rank(0),
+            ok: false,
+            error: "cancelled".into(),
+            last_step: Step(0),
+        },
+    )
+    .unwrap();
+    let out = c
+        .step(
+            4,
+            Event::JobResult {
+                job,
+                worker: ws[1],
+                rank: Rank(1),
+                ok: false,
+                error: "cancelled".into(),
+                last_step: Step(0),
+            },
+        )
+        .unwrap();
+    assert_eq!(assigns(&out.commands).len(), 2);
+    assert_eq!(c.job(job2).unwrap().state, JobState::Running);
+    assert_eq!(c.job(job).unwrap().state, JobState::Cancelled);
+}
+
+#[test]
 fn old_checkpoints_are_pruned_to_keep() {
     let mut c = Coordinator::new(Config::default());
     let ws = register(&mut c, 0, 1);

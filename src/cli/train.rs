@@ -85,7 +85,17 @@ pub async fn submit_and_follow(
                 bail!("interrupted; job-{job} cancelled (its last committed checkpoint is kept: continue with --resume)");
             }
         };
-        let Some(ev) = msg else { break last.context("the coordinator ended the job stream before any status")? };
+        let Some(ev) = msg else {
+            let s: pb::JobStatus = last.context("the coordinator ended the job stream before any status")?;
+            if s.state == "waiting" || s.state == "running" {
+                pb.abandon();
+                bail!(
+                    "the coordinator closed job-{job}'s stream while it was {} (did it stop?); continue with --resume",
+                    s.state
+                );
+            }
+            break s;
+        };
         let Some(s) = ev.status else { continue };
         on_status(&s);
         if s.state == "running" && !started {

@@ -91,7 +91,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             }
         };
         waited = false;
-        let reg = client
+        let reg = match client
             .register_worker(pb::RegisterWorkerRequest {
                 name: opts.name.clone(),
                 devices: devices.iter().map(proto_conv::device_to_proto).collect(),
@@ -99,8 +99,18 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                 version: env!("CARGO_PKG_VERSION").into(),
             })
             .await
-            .context("registering with the coordinator")?
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(
+                    "the coordinator at {} refused to register this worker: {}; retrying in 2 s",
+                    opts.coordinator,
+                    e.message()
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
         let worker = WorkerId(reg.worker_id);
         info!(%worker, coordinator = %opts.coordinator, %data_addr, "registered");
         let session =
@@ -218,17 +228,25 @@ async fn start_job(
             let mut rc = client.clone();
             let a2 = a.clone();
             let (cancel2, aborter2) = (cancel.clone(), aborter.clone());
+            // The first report that did not reach the coordinator, or that it refused: it
+            // becomes the job's error, so a lost report never passes as success.
+            let report_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+            let report_error2 = report_error.clone();
             let reporter = tokio::spawn(async move {
                 let mut last = 0;
                 while let Some(r) = rx.recv().await {
-                    let stop = match r {
+                    let failure: Option<String> = match r {
                         Report::Step(s) => {
                             last = s.step.0;
                             match rc.report_step(proto_conv::step_to_proto(&a2, worker, &s)).await {
-                                Ok(resp) => resp.into_inner().cancel,
+                                Ok(resp) => {
+                                    let resp = resp.into_inner();
+                                    resp.cancel.then(|| {
+                                        format!("the coordinator stopped this rank at {}: {}", s.step, resp.reason)
+                                    })
+                                }
                                 Err(e) => {
-                                    warn!("step report failed: {e}");
-                                    true
+                                    Some(format!("reporting {} to the coordinator failed: {}", s.step, e.message()))
                                 }
                             }
                         }
@@ -247,14 +265,17 @@ async fn start_job(
                                 data_cursor,
                             };
                             match rc.report_checkpoint(req).await {
-                                Ok(resp) => !resp.into_inner().accepted,
-                                Err(e) => {
-                                    warn!("checkpoint report failed: {e}");
-                                    true
-                                }
+                                Ok(resp) if resp.get_ref().accepted => None,
+                                Ok(_) => Some(format!("the coordinator refused the checkpoint of {step}")),
+                                Err(e) => Some(format!("reporting the checkpoint of {step} failed: {}", e.message())),
                             }
                         }
                     };
+                    let stop = failure.is_some();
+                    if let Some(f) = failure {
+                        warn!("{f}");
+                        report_error2.lock().expect("report error lock").get_or_insert(f);
+                    }
                     if stop {
                         cancel2.store(true, Ordering::Relaxed);
                         aborter2.abort();
@@ -275,10 +296,12 @@ async fn start_job(
             let a3 = a.clone();
             let result = tokio::task::spawn_blocking(move || train::run(&a3, ctx)).await;
             let last = reporter.await.unwrap_or(0);
-            let result = match result {
-                Ok(Ok(step)) => Ok(step.0),
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(e) => Err(format!("the training thread panicked: {e}")),
+            let reported = report_error.lock().expect("report error lock").take();
+            let result = match (result, reported) {
+                (Ok(Ok(_)), Some(r)) | (Ok(Err(_)), Some(r)) => Err(r),
+                (Ok(Ok(step)), None) => Ok(step.0),
+                (Ok(Err(e)), None) => Err(format!("{e:#}")),
+                (Err(e), _) => Err(format!("the training thread panicked: {e}")),
             };
             match &result {
                 Ok(_) => info!("job finished"),

@@ -139,6 +139,17 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         Some(rp) => {
             let dir = Path::new(&rp.dir);
             let manifest = read_manifest(dir)?;
+            let (old, new) = (&manifest.recipe.train, t);
+            if (old.seed, old.seq_len) != (new.seed, new.seq_len) {
+                bail!(
+                    "the checkpoint in {} was trained with train.seed = {} and train.seq_len = {}, the recipe now says {} and {}; the data order would change (samples repeated or skipped): resume with the same values",
+                    dir.display(),
+                    old.seed,
+                    old.seq_len,
+                    new.seed,
+                    new.seq_len
+                );
+            }
             if manifest.recipe.spec() != Some(spec) {
                 bail!(
                     "the checkpoint in {} has a different model shape than the recipe; resume with the recipe it was trained with",
@@ -150,8 +161,11 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         }
         None => {
             let model = match &recipe.model.hf_dir {
-                Some(dir) if crate::model::weight_files(dir).is_ok() => Llama::load(spec, dir, &device)?,
-                _ => Llama::init(spec, t.seed, &device)?,
+                // Weights named by the recipe must load: never a silent random start.
+                Some(dir) => Llama::load(spec, dir, &device).with_context(|| {
+                    format!("model.hf_dir = {}: cannot load its weights on this worker", dir.display())
+                })?,
+                None => Llama::init(spec, t.seed, &device)?,
             };
             (model, None, Step(0), 0)
         }
@@ -160,6 +174,13 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let len = params.len();
     let mut ring = Ring::connect(&ctx.data_plane, a.job, a.attempt, a.rank, &a.peers, &ctx.aborter)?;
     let own = ring.own_range(len);
+    // Every rank must start from the same weights (ZeRO-1 keeps full replicas).
+    let local: f64 = params.iter().map(|x| f64::from(*x)).sum();
+    let sums = ring.all_reduce_small(&[local, 1.0])?;
+    let world = sums[1];
+    if (sums[0] - local * world).abs() > 1e-9 * (local.abs() * world).max(1.0) {
+        bail!("the ranks of {} start from different weights (sum {local} here, {} over {world} ranks)", a.job, sums[0]);
+    }
     let (mut m, mut v, mut adam_step) = match resumed {
         Some(o) => (o.exp_avg[own.clone()].to_vec(), o.exp_avg_sq[own.clone()].to_vec(), o.adam_step),
         None => (vec![0f32; own.len()], vec![0f32; own.len()], 0),
