@@ -53,6 +53,8 @@ enum DataCommand {
 enum BenchCommand {
     /// Training throughput (tokens/s) of a recipe on 1, 2, ... local workers.
     Train(cli::bench::BenchTrainArgs),
+    /// Time, bandwidth and peak memory of the fused kernels on one device.
+    Kernels(cli::bench_kernels::BenchKernelsArgs),
 }
 
 /// Where `swarm train`/`status` look for a coordinator when --coordinator is not given.
@@ -101,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Doctor(a) => cli::doctor::run(a).await,
             Command::Data { command: DataCommand::Prepare(a) } => cli::data::run(a).await,
             Command::Bench { command: BenchCommand::Train(a) } => cli::bench::run(a).await,
+            Command::Bench { command: BenchCommand::Kernels(a) } => cli::bench_kernels::run(a),
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

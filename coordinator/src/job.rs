@@ -53,6 +53,9 @@ pub struct Job {
     pub loss: Option<f64>,
     pub first_loss: Option<f64>,
     pub tokens_per_s: f64,
+    /// The largest peak memory any rank reported.
+    #[serde(default)]
+    pub peak_memory_bytes: u64,
     /// Mean loss of every finished step since `start_step` (index 0 is step `start_step + 1`).
     #[serde(default)]
     pub losses: Vec<f64>,

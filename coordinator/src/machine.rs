@@ -46,6 +46,8 @@ pub struct StepReport {
     pub step: Step,
     pub loss: f64,
     pub tokens: u64,
+    /// Peak memory the rank reported (device memory on a GPU, RSS on a CPU).
+    pub peak_memory_bytes: u64,
 }
 
 /// One rank's checkpoint, written and checksummed.
@@ -377,6 +379,7 @@ impl Coordinator {
                 loss: None,
                 first_loss: None,
                 tokens_per_s: 0.0,
+                peak_memory_bytes: 0,
                 losses: Vec::new(),
                 committed: Vec::new(),
                 submitted_unix_ms: now_ms,
@@ -465,6 +468,7 @@ impl Coordinator {
         agg.ranks.insert(r.rank);
         agg.loss_x_tokens += r.loss * r.tokens as f64;
         agg.tokens += r.tokens;
+        j.peak_memory_bytes = j.peak_memory_bytes.max(r.peak_memory_bytes);
         if agg.ranks.len() == world {
             let agg = j.progress.steps.remove(&r.step).expect("present");
             let loss = agg.loss_x_tokens / agg.tokens.max(1) as f64;

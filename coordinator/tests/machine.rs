@@ -90,6 +90,7 @@ fn job_waits_for_workers_then_runs_to_success() {
                         step: Step(step),
                         loss: 2.0 + r as f64,
                         tokens: 100,
+                        peak_memory_bytes: 1000 + r as u64,
                     }),
                 )
                 .unwrap();
@@ -197,7 +198,15 @@ fn reports_from_strangers_are_rejected() {
     let other = if c.job(job).unwrap().workers[0] == ws[0] { ws[1] } else { ws[0] };
     let e = c.step(
         1,
-        Event::StepDone(StepReport { job, worker: other, rank: Rank(0), step: Step(1), loss: 1.0, tokens: 1 }),
+        Event::StepDone(StepReport {
+            job,
+            worker: other,
+            rank: Rank(0),
+            step: Step(1),
+            loss: 1.0,
+            tokens: 1,
+            peak_memory_bytes: 0,
+        }),
     );
     assert!(e.is_err());
 }
@@ -210,7 +219,15 @@ fn non_finite_loss_fails_the_job() {
     let out = c
         .step(
             1,
-            Event::StepDone(StepReport { job, worker: ws[0], rank: Rank(0), step: Step(1), loss: f64::NAN, tokens: 1 }),
+            Event::StepDone(StepReport {
+                job,
+                worker: ws[0],
+                rank: Rank(0),
+                step: Step(1),
+                loss: f64::NAN,
+                tokens: 1,
+                peak_memory_bytes: 0,
+            }),
         )
         .unwrap();
     assert!(matches!(out.reply, Reply::Ack { cancel: Some(_) }));

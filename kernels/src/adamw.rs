@@ -29,18 +29,18 @@ impl Default for AdamW {
 }
 
 /// The per-step scalars, computed once in f64 and used in f32.
-struct Scalars {
-    decay: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    step_size: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
+pub(crate) struct Scalars {
+    pub(crate) decay: f32,
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) step_size: f32,
+    pub(crate) bias_correction2_sqrt: f32,
+    pub(crate) eps: f32,
 }
 
 impl Scalars {
-    fn new(cfg: &AdamW, step: u64) -> Self {
+    pub(crate) fn new(cfg: &AdamW, step: u64) -> Self {
         assert!(step >= 1, "adamw: step is 1-based, got 0");
         let t = step as f64;
         let bias_correction1 = 1.0 - cfg.beta1.powf(t);

@@ -309,6 +309,10 @@ pub(crate) fn max_f32<T: Elem>(xs: &[T]) -> f32 {
 
 /// `t` itself when its last dimension has stride 1 (what [`Rows`] needs), else a contiguous copy.
 pub(crate) fn unit_last_stride(t: &Tensor) -> Result<Tensor> {
+    if !t.device().is_cpu() {
+        // The CUDA kernels index contiguous buffers.
+        return t.contiguous();
+    }
     let l = t.layout();
     match l.stride().last() {
         Some(&s) if s != 1 && l.dims().last().is_some_and(|&d| d > 1) => t.contiguous(),

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
-use crate::error::{KernelError, expect_float};
+use crate::error::{KernelError, expect_float, fused};
 use crate::reference;
 
 const OP: &str = "cross_entropy";
@@ -42,7 +42,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if targets.dtype() != DType::U32 {
         return Err(KernelError::UnsupportedDType { op: OP, what: "targets", dtype: targets.dtype() }.into());
     }
-    if !logits.device().is_cpu() {
+    if !fused(logits) {
         return reference::cross_entropy(logits, targets);
     }
     expect_float(OP, "logits", logits)?;
@@ -93,6 +93,17 @@ impl CustomOp2 for CrossEntropy {
         OP
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ce_fwd((s1, l1), (s2, l2))
+    }
+
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let t = targets(s2, l2, self.vocab)?;
         dispatch_float!(OP, (s1), |logits| self.fwd(logits, l1, t))
@@ -115,8 +126,8 @@ impl CustomOp2 for CrossEntropy {
 }
 
 /// Inputs `(logits, targets, g)` with `g` the rank-0 f32 loss gradient; output `dlogits`.
-struct CrossEntropyBwd {
-    vocab: usize,
+pub(crate) struct CrossEntropyBwd {
+    pub(crate) vocab: usize,
 }
 
 impl CrossEntropyBwd {
@@ -144,6 +155,20 @@ impl CrossEntropyBwd {
 impl CustomOp3 for CrossEntropyBwd {
     fn name(&self) -> &'static str {
         "cross_entropy_bwd"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l1.dims().first().copied().unwrap_or(1).max(1);
+        crate::cuda::ce_bwd((s1, l1), (s2, l2), (s3, l3), 1.0 / n as f32)
     }
 
     fn cpu_fwd(

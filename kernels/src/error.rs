@@ -66,3 +66,14 @@ pub(crate) fn last_dim(op: &'static str, what: &'static str, t: &Tensor) -> Resu
         expected: "at least one dimension".to_string(),
     })
 }
+
+/// Whether `t`'s device and dtype have a fused kernel: CPU (f32, bf16, f16), and with the
+/// `cuda` feature CUDA (f32, bf16). Elsewhere the public ops take their reference path.
+pub(crate) fn fused(t: &Tensor) -> bool {
+    match t.device() {
+        candle_core::Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => matches!(t.dtype(), DType::F32 | DType::BF16),
+        _ => false,
+    }
+}

@@ -24,9 +24,13 @@
 //! structs stay private. Used only by `swarm-worker`.
 
 mod adamw;
+mod attention;
 mod cpu;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
+mod linear_cross_entropy;
 pub mod reference;
 mod rms_norm;
 mod rope;
@@ -34,8 +38,12 @@ mod softmax;
 mod swiglu;
 
 pub use adamw::{AdamW, adamw_step, adamw_step_reference};
+pub use attention::causal_attention;
 pub use cross_entropy::cross_entropy;
+#[cfg(feature = "cuda")]
+pub use cuda::{DeviceAdamW, sum_squares};
 pub use error::KernelError;
+pub use linear_cross_entropy::{CHUNK_BYTES, chunk_rows, linear_cross_entropy};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::softmax_last_dim;

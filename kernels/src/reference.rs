@@ -50,3 +50,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let picked = log_probs.gather(&targets.contiguous()?.unsqueeze(1)?, 1)?;
     picked.neg()?.mean_all()
 }
+
+/// Causal grouped-query attention with the scores materialised (`q`: `[b, h, s, d]`; `k`, `v`:
+/// `[b, hkv, s, d]`), through the reference softmax.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    crate::attention::unfused(q, k, v, scale, softmax_last_dim)
+}

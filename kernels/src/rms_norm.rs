@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
-use crate::error::{KernelError, expect_float, expect_same_dtype, last_dim};
+use crate::error::{KernelError, expect_float, expect_same_dtype, fused, last_dim};
 use crate::reference;
 
 const OP: &str = "rms_norm";
@@ -28,7 +28,12 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .into());
     }
     expect_same_dtype(OP, "weight", weight, "x", x)?;
-    if !x.device().is_cpu() {
+    // The CUDA backward keeps a row of `dw` partials in shared memory.
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && d > crate::cuda::RMS_BWD_MAX_D {
+        return reference::rms_norm(x, weight, eps);
+    }
+    if !fused(x) {
         return reference::rms_norm(x, weight, eps);
     }
     expect_float(OP, "x", x)?;
@@ -71,6 +76,17 @@ impl RmsNorm {
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         OP
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rms_norm_fwd((s1, l1), (s2, l2), self.eps)
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -178,6 +194,19 @@ fn dot3<T: Elem>(g: &[T], w: &[f32], x: &[T]) -> f32 {
 impl CustomOp3 for RmsNormBwd {
     fn name(&self) -> &'static str {
         "rms_norm_bwd"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rms_norm_bwd((s1, l1), (s2, l2), (s3, l3), self.eps, self.want_x, self.want_w)
     }
 
     fn cpu_fwd(

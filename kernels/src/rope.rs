@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
-use crate::error::{KernelError, expect_float, expect_same_dtype};
+use crate::error::{KernelError, expect_float, expect_same_dtype, fused};
 use crate::reference;
 
 const OP: &str = "rope";
@@ -43,7 +43,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         }
         expect_same_dtype(OP, what, t, "x", x)?;
     }
-    if !x.device().is_cpu() {
+    if !fused(x) {
         return reference::rope(x, cos, sin);
     }
     expect_float(OP, "x", x)?;
@@ -91,6 +91,19 @@ impl Rope {
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         if self.inverse { "rope_bwd" } else { OP }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rope((s1, l1), (s2, l2), (s3, l3), if self.inverse { -1.0 } else { 1.0 })
     }
 
     fn cpu_fwd(

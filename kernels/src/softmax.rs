@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
-use crate::error::{expect_float, last_dim};
+use crate::error::{expect_float, fused, last_dim};
 use crate::reference;
 
 const OP: &str = "softmax_last_dim";
@@ -17,7 +17,7 @@ const OP: &str = "softmax_last_dim";
 /// On CPU it runs the fused kernel; on other devices [`reference::softmax_last_dim`].
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     last_dim(OP, "x", x)?;
-    if !x.device().is_cpu() {
+    if !fused(x) {
         return reference::softmax_last_dim(x);
     }
     expect_float(OP, "x", x)?;
@@ -59,6 +59,11 @@ impl CustomOp1 for Softmax {
         OP
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax_fwd((s1, l1))
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch_float!(OP, (s), |x| self.fwd(x, l))
     }
@@ -98,6 +103,17 @@ impl SoftmaxBwd {
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
         "softmax_last_dim_bwd"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax_bwd((s1, l1), (s2, l2))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use crate::cpu::{self, Elem, dispatch_float, ld, st};
-use crate::error::{KernelError, expect_float, expect_same_dtype};
+use crate::error::{KernelError, expect_float, expect_same_dtype, fused};
 use crate::reference;
 
 const OP: &str = "swiglu";
@@ -27,7 +27,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         .into());
     }
     expect_same_dtype(OP, "up", up, "gate", gate)?;
-    if !gate.device().is_cpu() {
+    if !fused(gate) {
         return reference::swiglu(gate, up);
     }
     expect_float(OP, "gate", gate)?;
@@ -59,6 +59,17 @@ impl SwiGlu {
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         OP
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::swiglu_fwd((s1, l1), (s2, l2))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -125,6 +136,19 @@ impl SwiGluBwd {
 impl CustomOp3 for SwiGluBwd {
     fn name(&self) -> &'static str {
         "swiglu_bwd"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::swiglu_bwd((s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(

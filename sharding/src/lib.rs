@@ -32,5 +32,5 @@ pub use model::{ModelSpec, RopeScaling};
 pub use plan::{BatchShare, Plan};
 pub use plan_error::PlanError;
 pub use planner::{plan, plan_with};
-pub use recipe::{Recipe, RecipeError};
+pub use recipe::{Precision, Recipe, RecipeError};
 pub use train_spec::TrainSpec;

@@ -65,6 +65,10 @@ pub struct ModelSection {
     pub num_kv_heads: Option<usize>,
     #[serde(default)]
     pub max_seq_len: Option<usize>,
+    /// The model's vocabulary when it should be larger than the tokenizer's (a preset's own
+    /// 128,256 for a benchmark on a small tokenizer); by default the tokenizer's.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,6 +132,25 @@ pub struct TrainSection {
     /// Whether the planner may keep weights, gradients and optimizer state in host RAM.
     #[serde(default, skip_serializing_if = "is_false")]
     pub cpu_offload: bool,
+    /// The dtype forward and backward compute in. Master weights and optimizer moments are
+    /// always f32.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub precision: Precision,
+}
+
+/// Compute dtype of a worker's forward and backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on GPUs, f32 on CPUs.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+fn is_auto(p: &Precision) -> bool {
+    *p == Precision::Auto
 }
 
 fn is_default_optimizer(o: &OptimizerKind) -> bool {
@@ -400,6 +423,9 @@ impl Recipe {
         }
         if let Some(v) = m.max_seq_len {
             spec.max_position_embeddings = v;
+        }
+        if let Some(v) = m.vocab_size {
+            spec.vocab_size = v;
         }
         if spec.vocab_size < tokenizer_vocab {
             return Err(err(

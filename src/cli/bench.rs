@@ -19,8 +19,20 @@ pub struct BenchTrainArgs {
     pub steps: u64,
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
+    /// The device's peak dense bf16 rate in TFLOP/s, for MFU (989 = H100 SXM).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Training FLOPs per token, counted as `bench/pytorch_ref.py` counts them: 6 per parameter
+/// that multiplies (the embedding table only when it is also the head) plus the causal
+/// attention products, `6 · layers · seq · hidden`.
+pub fn flops_per_token(spec: &swarm_sharding::ModelSpec, seq: usize) -> f64 {
+    let embed = (spec.vocab_size * spec.hidden_size) as f64;
+    let n = spec.param_count() as f64 - if spec.tie_word_embeddings { 0.0 } else { embed };
+    6.0 * n + 6.0 * (spec.num_hidden_layers * seq * spec.hidden_size) as f64
 }
 
 struct Row {
@@ -29,6 +41,7 @@ struct Row {
     seconds: f64,
     tokens_per_s: f64,
     final_loss: f64,
+    peak_memory_bytes: u64,
 }
 
 pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
@@ -74,18 +87,21 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             seconds: secs,
             tokens_per_s: timed as f64 * tokens_per_step / secs,
             final_loss: status.loss,
+            peak_memory_bytes: status.peak_memory_bytes,
         });
     }
     let _ = std::fs::remove_dir_all(&scratch);
     let spec = recipe.spec().context("resolved above")?;
+    let fpt = flops_per_token(spec, recipe.train.seq_len);
+    let mfu = |r: &Row| r.tokens_per_s * fpt / (a.peak_tflops * 1e12) / r.nodes as f64;
     if a.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss}))
+            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "peak_memory_bytes": r.peak_memory_bytes}))
             .collect();
         println!(
             "{}",
-            serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": tokens_per_step, "runs": out})
+            serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": tokens_per_step, "flops_per_token": fpt, "peak_tflops": a.peak_tflops, "runs": out})
         );
         return Ok(());
     }
@@ -97,15 +113,21 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         a.warmup,
         a.steps
     );
-    println!("{:>6} | {:>8} | {:>10} | {:>10} | {:>10}", "nodes", "steps", "s/step", "tokens/s", "final loss");
-    println!("{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<10}", "", "", "", "", "");
+    println!("MFU = tokens/s x {:.3e} FLOP/token / ({} TFLOP/s x nodes)", fpt, a.peak_tflops);
+    println!(
+        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>9} | {:>10}",
+        "nodes", "steps", "s/step", "tokens/s", "MFU", "peak GiB", "final loss"
+    );
+    println!("{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<9}-+-{:-<10}", "", "", "", "", "", "", "");
     for r in &rows {
         println!(
-            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>10.4}",
+            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>9.2} | {:>10.4}",
             r.nodes,
             r.timed_steps,
             r.seconds / r.timed_steps as f64,
             r.tokens_per_s,
+            100.0 * mfu(r),
+            r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
             r.final_loss
         );
     }

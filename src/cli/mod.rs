@@ -1,6 +1,7 @@
 //! The subcommands. Each module parses its arguments and calls into the library crates.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod data;
 pub mod doctor;
 pub mod eval;

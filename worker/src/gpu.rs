@@ -73,3 +73,87 @@ pub fn nccl_self_check(ordinal: usize) -> anyhow::Result<String> {
     }
     Ok(format!("NCCL {}.{}.{}", version / 10000, (version / 100) % 100, version % 100))
 }
+
+/// The high-water mark of device memory in use by stream-ordered allocations (the pool every
+/// candle/cudarc allocation on `device` comes from): the true peak, not a sample.
+pub struct PoolPeak {
+    pool: cudarc::driver::sys::CUmemoryPool,
+    /// Keeps the context (and so the pool handle) alive and current.
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+}
+
+// The FFI calls below read and reset two attributes of the device's default memory pool; the
+// pool handle stays valid while the context lives (held in `PoolPeak`).
+#[allow(unsafe_code)]
+impl PoolPeak {
+    pub fn new(device: &Device) -> anyhow::Result<PoolPeak> {
+        use cudarc::driver::sys;
+        let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: pool is a valid out-pointer; cu_device is this context's device.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            anyhow::bail!("cuDeviceGetDefaultMemPool: {r:?}");
+        }
+        Ok(PoolPeak { pool, ctx })
+    }
+
+    /// Bytes currently allocated from the pool.
+    pub fn used(&self) -> anyhow::Result<u64> {
+        self.get(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    /// The most bytes allocated at once since the last [`PoolPeak::reset`].
+    pub fn peak(&self) -> anyhow::Result<u64> {
+        self.get(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+    }
+
+    pub fn reset(&self) -> anyhow::Result<()> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
+        let mut zero: u64 = 0;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: USED_MEM_HIGH takes a cuuint64_t; resetting it to 0 is the documented use.
+        let r = unsafe { sys::cuMemPoolSetAttribute(self.pool, attr, (&mut zero as *mut u64).cast()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            anyhow::bail!("cuMemPoolSetAttribute: {r:?}");
+        }
+        Ok(())
+    }
+
+    fn get(&self, attr: cudarc::driver::sys::CUmemPool_attribute) -> anyhow::Result<u64> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
+        let mut v: u64 = 0;
+        // SAFETY: both attributes read take a cuuint64_t out-pointer.
+        let r = unsafe { sys::cuMemPoolGetAttribute(self.pool, attr, (&mut v as *mut u64).cast()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            anyhow::bail!("cuMemPoolGetAttribute: {r:?}");
+        }
+        Ok(v)
+    }
+}
+
+/// Device-to-device copy bandwidth of `device` in GB/s, counting bytes read plus bytes written
+/// (`cuMemcpyDtoDAsync` of `bytes`, median of `reps` after a warm-up). The ceiling that
+/// memory-bound kernels are measured against.
+pub fn copy_bandwidth(device: &Device, bytes: usize, reps: usize) -> anyhow::Result<f64> {
+    let stream = device.as_cuda_device()?.cuda_stream();
+    let n = bytes / 4;
+    let host: Vec<f32> = (0..n).map(|i| (i % 9973) as f32 * 0.5 - 1.0).collect();
+    let src = stream.clone_htod(&host).map_err(|e| anyhow!("{e:?}"))?;
+    let mut dst = stream.alloc_zeros::<f32>(n).map_err(|e| anyhow!("{e:?}"))?;
+    let mut times = Vec::new();
+    for i in 0..reps + 3 {
+        stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
+        let t = Instant::now();
+        stream.memcpy_dtod(&src, &mut dst).map_err(|e| anyhow!("{e:?}"))?;
+        stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n * 4) as f64 / times[times.len() / 2] / 1e9)
+}

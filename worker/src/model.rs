@@ -23,6 +23,8 @@ pub struct Llama {
     pub params: Vec<Param>,
     index: HashMap<String, usize>,
     device: Device,
+    /// The dtype of the parameters and activations (f32 or bf16); losses are f32.
+    dtype: DType,
 }
 
 /// The parameter names and shapes of a model, in a fixed order (the order of the flat vector
@@ -107,7 +109,7 @@ impl Llama {
             index.insert(name.clone(), params.len());
             params.push(Param { name, var: Var::from_tensor(&t.to_dtype(DType::F32)?)? });
         }
-        Ok(Llama { spec: spec.clone(), params, index, device: device.clone() })
+        Ok(Llama { spec: spec.clone(), params, index, device: device.clone(), dtype: DType::F32 })
     }
 
     /// Loads weights from safetensors files with Hugging Face names (`model.safetensors`, or
@@ -144,6 +146,22 @@ impl Llama {
         &self.device
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Converts every parameter to `dtype` (the compute dtype; master weights live elsewhere).
+    pub fn cast(&mut self, dtype: DType) -> anyhow::Result<()> {
+        if dtype == self.dtype {
+            return Ok(());
+        }
+        for p in &mut self.params {
+            p.var = Var::from_tensor(&p.var.as_tensor().to_dtype(dtype)?)?;
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }
@@ -177,19 +195,28 @@ impl Llama {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (seq_len, hd / 2), &self.device)?,
-            Tensor::from_vec(sin, (seq_len, hd / 2), &self.device)?,
+            Tensor::from_vec(cos, (seq_len, hd / 2), &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, (seq_len, hd / 2), &self.device)?.to_dtype(self.dtype)?,
         ))
     }
 
     /// Logits `[batch * seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.hidden(ids)?.matmul(&self.head().t()?)
+    }
+
+    /// The LM head's weight (the embedding when tied).
+    fn head(&self) -> &Tensor {
+        if self.spec.tie_word_embeddings { self.w("model.embed_tokens.weight") } else { self.w("lm_head.weight") }
+    }
+
+    /// The final normed hidden states `[batch * seq, hidden]` for token ids `[batch, seq]`.
+    pub fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let spec = &self.spec;
         let (nh, nkv, hd) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim());
         let eps = spec.rms_norm_eps;
         let (cos, sin) = self.rope_tables(s)?;
-        let mask = causal_mask(s, &self.device)?;
         let emb = self.w("model.embed_tokens.weight");
         let mut x = emb.embedding(&ids.flatten_all()?)?.reshape((b, s, spec.hidden_size))?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -200,11 +227,9 @@ impl Llama {
             let kk = self.linear(&h, &p("self_attn.k_proj"))?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
             let v = self.linear(&h, &p("self_attn.v_proj"))?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
             let q = k::rope(&q, &cos, &sin)?;
-            let kk = repeat_kv(&k::rope(&kk, &cos, &sin)?, nh / nkv)?;
-            let v = repeat_kv(&v.contiguous()?, nh / nkv)?;
-            let scores = (q.matmul(&kk.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = k::softmax_last_dim(&scores)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+            let kk = k::rope(&kk, &cos, &sin)?;
+            // Flash attention on GPUs (bf16); scores materialised elsewhere.
+            let attn = k::causal_attention(&q, &kk, &v, scale)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
             x = (x + self.linear(&attn, &p("self_attn.o_proj"))?)?;
             let h = k::rms_norm(&x, self.w(&p("post_attention_layernorm.weight")), eps)?;
             let gate = self.linear(&h, &p("mlp.gate_proj"))?;
@@ -212,8 +237,7 @@ impl Llama {
             x = (x + self.linear(&k::swiglu(&gate, &up)?, &p("mlp.down_proj"))?)?;
         }
         let x = k::rms_norm(&x, self.w("model.norm.weight"), eps)?;
-        let head = if spec.tie_word_embeddings { emb } else { self.w("lm_head.weight") };
-        x.reshape((b * s, spec.hidden_size))?.matmul(&head.t()?)
+        x.reshape((b * s, spec.hidden_size))
     }
 
     /// Mean next-token cross-entropy of `windows` (`[batch, seq+1]` token ids).
@@ -221,23 +245,10 @@ impl Llama {
         let s1 = windows.dim(1)?;
         let inputs = windows.narrow(1, 0, s1 - 1)?.contiguous()?;
         let targets = windows.narrow(1, 1, s1 - 1)?.flatten_all()?;
-        k::cross_entropy(&self.forward(&inputs)?, &targets)
+        // The LM head fused with the loss, chunked: the [tokens, vocab] logits never exist.
+        let chunk = k::chunk_rows(self.spec.vocab_size, self.dtype);
+        k::linear_cross_entropy(&self.hidden(&inputs)?, self.head(), &targets, chunk)
     }
-}
-
-/// `[seq, seq]` additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(s: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let m: Vec<f32> = (0..s).flat_map(|i| (0..s).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Tensor::from_vec(m, (s, s), device)
-}
-
-/// `[b, nkv, s, hd]` to `[b, nkv * rep, s, hd]`, each kv head repeated for its query heads.
-fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, nkv, s, hd) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, nkv, rep, s, hd))?.reshape((b, nkv * rep, s, hd))
 }
 
 /// The safetensors files of a Hugging Face model directory.

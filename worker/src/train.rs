@@ -12,7 +12,7 @@ use crate::comm::ring::{Aborter, Ring};
 use crate::data::{Dataset, SampleOrder, sample_rows};
 use crate::model::Llama;
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::job::step_dir_name;
-use swarm_sharding::{Assignment, Manifest, ShardFile, Step, WorkerId};
+use swarm_sharding::{Assignment, Manifest, Precision, ShardFile, Step, WorkerId};
 
 /// What a rank tells the coordinator while it trains.
 #[derive(Clone, Debug)]
@@ -73,28 +73,82 @@ pub fn flatten_params(model: &Llama) -> anyhow::Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Writes the flat vector back into the model's variables.
+/// Writes the flat f32 vector back into the model's variables (in the model's dtype).
 pub fn unflatten_into(model: &Llama, flat: &[f32]) -> anyhow::Result<()> {
     let mut off = 0;
     for p in &model.params {
         let n = p.var.elem_count();
-        let t = Tensor::from_slice(&flat[off..off + n], p.var.shape(), model.device())?;
+        let t = Tensor::from_slice(&flat[off..off + n], p.var.shape(), model.device())?.to_dtype(model.dtype())?;
         p.var.set(&t)?;
         off += n;
     }
     Ok(())
 }
 
-/// Flat gradients; a parameter no gradient reached is an error, never a silent zero.
+#[cfg(feature = "cuda")]
+/// Copies a flat device tensor (the model's dtype, `param_shapes` order) into the variables.
+fn set_from_flat(model: &Llama, flat: &Tensor) -> anyhow::Result<()> {
+    let mut off = 0;
+    for p in &model.params {
+        let n = p.var.elem_count();
+        p.var.set(&flat.narrow(0, off, n)?.reshape(p.var.shape())?)?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// The gradient of every parameter, in `param_shapes` order; a parameter no gradient reached is
+/// an error, never a silent zero.
+fn grads_in_order<'a>(model: &Llama, grads: &'a candle_core::backprop::GradStore) -> anyhow::Result<Vec<&'a Tensor>> {
+    model
+        .params
+        .iter()
+        .map(|p| {
+            grads.get(p.var.as_tensor()).with_context(|| {
+                format!("no gradient reached {}: an op without a backward pass is in the model", p.name)
+            })
+        })
+        .collect()
+}
+
+/// Flat f32 gradients on the host.
 fn flat_grads(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Vec<f32>> {
     let mut out = Vec::with_capacity(model.num_params());
-    for p in &model.params {
-        let g = grads.get(p.var.as_tensor()).with_context(|| {
-            format!("no gradient reached {}: an op without a backward pass is in the model", p.name)
-        })?;
-        out.extend(g.flatten_all()?.to_vec1::<f32>()?);
+    for g in grads_in_order(model, grads)? {
+        out.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
     }
     Ok(out)
+}
+
+#[cfg(feature = "cuda")]
+/// Flat f32 gradients left on the model's device (one concatenation, no host copy).
+fn flat_grads_on_device(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Tensor> {
+    let parts =
+        grads_in_order(model, grads)?.into_iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
+}
+
+/// The compute dtype a recipe asks for on `device`.
+pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Auto if device.is_cuda() => DType::BF16,
+        Precision::Auto => DType::F32,
+    }
+}
+
+/// Where the optimizer runs. On the host (any device, any world size): the ring carries flat
+/// f32 gradients and parameters. On a CUDA device training alone: master weights, moments and
+/// the update stay on the device and nothing crosses PCIe per step.
+enum Optimizer {
+    Host,
+    #[cfg(feature = "cuda")]
+    Device {
+        adam: swarm_kernels::DeviceAdamW,
+        /// The parameters in the compute dtype, flat, written by the AdamW kernel.
+        flat: Tensor,
+    },
 }
 
 /// Ranges of the flat vector that take weight decay: matrices yes; norms and biases no.
@@ -112,6 +166,27 @@ fn decay_segments(model: &Llama) -> Vec<(Range<usize>, bool)> {
         .collect()
 }
 
+fn check_norm(norm: f64, step: Step) -> anyhow::Result<()> {
+    if norm.is_finite() {
+        Ok(())
+    } else {
+        bail!("the gradient norm is {norm} at {step}; lower train.lr or check the data")
+    }
+}
+
+/// Peak memory of this worker: device memory in use on a GPU (its high-water mark is not
+/// exposed, so this is the use at the end of the step), else the process's peak RSS.
+fn peak_memory(device: &Device) -> u64 {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if let Ok((free, total)) = d.cuda_stream().context().mem_get_info() {
+            return (total - free) as u64;
+        }
+    }
+    let _ = device;
+    peak_memory_bytes()
+}
+
 fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
     let p = dir.join(Manifest::FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -123,6 +198,17 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
     let t = &recipe.train;
     let device: Device = crate::device::select(&ctx.device)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // Every tensor and kernel of this worker lives on candle's one stream (DeviceAdamW
+        // launches on it too), so cudarc's per-launch cross-stream events are pure overhead.
+        // SAFETY: no second stream touches these tensors (the precondition in candle's docs).
+        #[allow(unsafe_code)]
+        unsafe {
+            d.disable_event_tracking()
+        };
+    }
+    let profile = std::env::var_os("SWARM_PROFILE").is_some();
     let dataset = Dataset::open(&recipe.data.dataset)?;
     if dataset.info().vocab_size as usize > spec.vocab_size {
         bail!(
@@ -135,7 +221,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
 
     // Model and optimizer state: from a committed checkpoint, a Hugging Face directory, or the seed.
-    let (model, resumed, start, mut cursor) = match &a.resume {
+    let (mut model, resumed, start, mut cursor) = match &a.resume {
         Some(rp) => {
             let dir = Path::new(&rp.dir);
             let manifest = read_manifest(dir)?;
@@ -170,8 +256,11 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             (model, None, Step(0), 0)
         }
     };
+    // f32 master weights, taken before the model moves to its compute dtype.
     let mut params = flatten_params(&model)?;
     let len = params.len();
+    let dtype = compute_dtype(t.precision, &device);
+    model.cast(dtype)?;
     let mut ring = Ring::connect(&ctx.data_plane, a.job, a.attempt, a.rank, &a.peers, &ctx.aborter)?;
     let own = ring.own_range(len);
     // Every rank must start from the same weights (ZeRO-1 keeps full replicas).
@@ -193,6 +282,13 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             (s < e).then(|| (s - own.start..e - own.start, d))
         })
         .collect();
+    let mut optimizer = Optimizer::Host;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && a.world_size == 1 {
+        let adam = swarm_kernels::DeviceAdamW::new(&device, &params, &m, &v)?;
+        let flat = Tensor::zeros(len, dtype, &device)?;
+        optimizer = Optimizer::Device { adam, flat };
+    }
     let (offset, count) = (a.share.offset, a.share.count);
     let share = count as f64 / t.global_batch as f64;
     tracing::info!(job = %a.job, rank = %a.rank, params = len, own = own.len(), start = %start, "training");
@@ -211,60 +307,102 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         let windows = Tensor::from_vec(tokens, (count, t.seq_len + 1), &device)?;
         let loss = model.loss(&windows)?;
         let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        let t_fwd = t0.elapsed().as_secs_f64();
         let grads = (loss * share)?.backward()?;
-        let mut grad = flat_grads(&model, &grads)?;
-        drop(grads);
-        let compute_fwd_bwd = t0.elapsed().as_secs_f64();
-
-        let t1 = Instant::now();
-        let own_range = ring.reduce_scatter(&mut grad)?;
-        let g = &mut grad[own_range];
-        let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
-        let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();
-        let mut comm = t1.elapsed().as_secs_f64();
-
-        let t2 = Instant::now();
-        if !norm.is_finite() {
-            bail!("the gradient norm is {norm} at {step}; lower train.lr or check the data");
-        }
-        if t.grad_clip > 0.0 && norm > t.grad_clip {
-            let c = (t.grad_clip / norm) as f32;
-            g.iter_mut().for_each(|x| *x *= c);
+        if profile {
+            device.synchronize()?;
+            eprintln!(
+                "{step}: forward {:.1} ms, backward {:.1} ms",
+                t_fwd * 1e3,
+                (t0.elapsed().as_secs_f64() - t_fwd) * 1e3
+            );
         }
         let lr = recipe.lr_at(step_no);
-        adam_step += 1;
-        let p_own = &mut params[own.clone()];
-        for (r, decays) in &decay {
-            let cfg = AdamW {
-                lr,
-                beta1: t.beta1,
-                beta2: t.beta2,
-                eps: t.eps,
-                weight_decay: if *decays { t.weight_decay } else { 0.0 },
-            };
-            adamw_step(&cfg, adam_step, &mut p_own[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
-        }
-        let optim = t2.elapsed().as_secs_f64();
+        let adam_cfg = |decays: bool| AdamW {
+            lr,
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: if decays { t.weight_decay } else { 0.0 },
+        };
+        let (norm, compute_s, comm) = match &mut optimizer {
+            Optimizer::Host => {
+                let mut grad = flat_grads(&model, &grads)?;
+                drop(grads);
+                let compute_fwd_bwd = t0.elapsed().as_secs_f64();
 
-        let t3 = Instant::now();
-        ring.all_gather(&mut params)?;
-        comm += t3.elapsed().as_secs_f64();
-        unflatten_into(&model, &params)?;
+                let t1 = Instant::now();
+                let own_range = ring.reduce_scatter(&mut grad)?;
+                let g = &mut grad[own_range];
+                let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+                let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();
+                let mut comm = t1.elapsed().as_secs_f64();
+
+                let t2 = Instant::now();
+                check_norm(norm, step)?;
+                if t.grad_clip > 0.0 && norm > t.grad_clip {
+                    let c = (t.grad_clip / norm) as f32;
+                    g.iter_mut().for_each(|x| *x *= c);
+                }
+                adam_step += 1;
+                let p_own = &mut params[own.clone()];
+                for (r, decays) in &decay {
+                    let cfg = adam_cfg(*decays);
+                    adamw_step(
+                        &cfg,
+                        adam_step,
+                        &mut p_own[r.clone()],
+                        &g[r.clone()],
+                        &mut m[r.clone()],
+                        &mut v[r.clone()],
+                    );
+                }
+                let optim = t2.elapsed().as_secs_f64();
+
+                let t3 = Instant::now();
+                ring.all_gather(&mut params)?;
+                comm += t3.elapsed().as_secs_f64();
+                unflatten_into(&model, &params)?;
+                (norm, compute_fwd_bwd + optim, comm)
+            }
+            #[cfg(feature = "cuda")]
+            Optimizer::Device { adam, flat } => {
+                let grad = flat_grads_on_device(&model, &grads)?;
+                drop(grads);
+                let norm = swarm_kernels::sum_squares(&grad)?.sqrt();
+                check_norm(norm, step)?;
+                let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
+                adam_step += 1;
+                for (r, decays) in &decay {
+                    adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &grad, Some(flat))?;
+                }
+                set_from_flat(&model, flat)?;
+                device.synchronize()?;
+                if profile {
+                    eprintln!("{step}: step total {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+                }
+                (norm, t0.elapsed().as_secs_f64(), 0.0)
+            }
+        };
         cursor += t.global_batch as u64;
 
         (ctx.report)(Report::Step(StepStats {
             step,
             loss: loss_value,
             tokens: (count * t.seq_len) as u64,
-            compute_s: compute_fwd_bwd + optim,
+            compute_s,
             comm_s: comm,
             lr,
             grad_norm: norm,
-            peak_memory_bytes: peak_memory_bytes(),
+            peak_memory_bytes: peak_memory(&device),
             bytes_sent: ring.bytes_sent(),
         }))?;
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
+            #[cfg(feature = "cuda")]
+            if let Optimizer::Device { adam, .. } = &optimizer {
+                (params, m, v) = adam.to_host()?;
+            }
             let dir = recipe.checkpoint.dir.join(step_dir_name(step));
             let files = checkpoint::write_rank(
                 &dir,

@@ -68,3 +68,80 @@ fn adamw_rejects_mismatched_buffers() {
     let (mut m, mut v) = (vec![0f32; 3], vec![0f32; 2]);
     adamw_step(&AdamW::default(), 1, &mut p, &[0.0; 3], &mut m, &mut v);
 }
+
+/// The CUDA AdamW kernel (f32 master and moments, bf16 and f32 parameter copies, clipping scale,
+/// decay segments) against the reference on the host.
+#[cfg(feature = "cuda")]
+#[test]
+fn device_adamw_matches_reference() -> candle_core::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use swarm_kernels::DeviceAdamW;
+    let dev = Device::new_cuda(0)?;
+    let mut rng = common::rng(62);
+    let n = 300_007;
+    let split = 123_457; // two segments: the first decays, the second does not
+    let cfg = AdamW { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let (mut p_ref, mut m_ref, mut v_ref) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+    let mut opt = DeviceAdamW::new(&dev, &p0, &vec![0f32; n], &vec![0f32; n])?;
+    for out_dtype in [DType::BF16, DType::F32] {
+        let out = Tensor::zeros(n, out_dtype, &dev)?;
+        for step in 1..=4u64 {
+            let g: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..0.5)).collect();
+            let scale = 0.5f32;
+            let gd = Tensor::from_slice(&g, n, &dev)?;
+            opt.step(&cfg, step, 0..split, scale, &gd, Some(&out))?;
+            let no_decay = AdamW { weight_decay: 0.0, ..cfg };
+            opt.step(&no_decay, step, split..n, scale, &gd, Some(&out))?;
+            let gs: Vec<f32> = g.iter().map(|x| x * scale).collect();
+            adamw_step_reference(
+                &cfg,
+                step,
+                &mut p_ref[..split],
+                &gs[..split],
+                &mut m_ref[..split],
+                &mut v_ref[..split],
+            );
+            adamw_step_reference(
+                &no_decay,
+                step,
+                &mut p_ref[split..],
+                &gs[split..],
+                &mut m_ref[split..],
+                &mut v_ref[split..],
+            );
+            let (p, m, v) = opt.to_host()?;
+            // The GPU contracts multiply-adds into FMAs, so elements differ in the last bits:
+            // bound the largest absolute difference (values are O(1) or smaller).
+            for (what, a, b) in [("params", &p, &p_ref), ("m", &m, &m_ref), ("v", &v, &v_ref)] {
+                let e = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                assert!(e <= 1e-6, "{out_dtype:?} step {step}: {what} differ by up to {e:.2e}");
+            }
+            // The parameter copy is the master weights rounded to the copy's dtype.
+            let want = Tensor::from_slice(&p, n, &dev)?.to_dtype(out_dtype)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let got = out.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            assert_eq!(got, want, "{out_dtype:?} step {step}: parameter copy");
+        }
+        // Reset the reference and the device state for the next dtype.
+        p_ref.copy_from_slice(&p0);
+        m_ref.fill(0.0);
+        v_ref.fill(0.0);
+        opt = DeviceAdamW::new(&dev, &p0, &vec![0f32; n], &vec![0f32; n])?;
+    }
+    Ok(())
+}
+
+/// The gradient-norm reduction against f64 on the host.
+#[cfg(feature = "cuda")]
+#[test]
+fn sum_squares_matches_f64() -> candle_core::Result<()> {
+    let dev = candle_core::Device::new_cuda(0)?;
+    let mut rng = common::rng(63);
+    for n in [1usize, 1000, 1_234_567] {
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let want: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        let got = swarm_kernels::sum_squares(&candle_core::Tensor::from_slice(&x, n, &dev)?)?;
+        assert!((got - want).abs() <= 1e-5 * want, "n={n}: {got} vs {want}");
+    }
+    Ok(())
+}

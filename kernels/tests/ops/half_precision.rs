@@ -34,6 +34,22 @@ fn half_precision_matches_reference(dev: &Device) -> Result<()> {
             |xs| reference::rms_norm(&xs[0], &xs[1], 1e-5),
         ),
         (
+            // Rows of 16-byte vectors (the CUDA kernels' vector path).
+            "rms_norm wide",
+            vec![u(&mut rng, &[9, 256], -2.0, 2.0)?, u(&mut rng, &[256], 0.5, 1.5)?],
+            vec![true, true],
+            |xs| rms_norm(&xs[0], &xs[1], 1e-5),
+            |xs| reference::rms_norm(&xs[0], &xs[1], 1e-5),
+        ),
+        (
+            // A vocabulary wider than one block of threads.
+            "cross_entropy wide",
+            vec![u(&mut rng, &[3, 5003], -4.0, 4.0)?, Tensor::new(&[17u32, 5002, 0], dev)?],
+            vec![true, false],
+            |xs| cross_entropy(&xs[0], &xs[1]),
+            |xs| reference::cross_entropy(&xs[0], &xs[1]),
+        ),
+        (
             "rope",
             vec![u(&mut rng, &[2, 3, 5, 8], -2.0, 2.0)?, angles.cos()?, angles.sin()?],
             vec![true, false, false],

@@ -4,10 +4,12 @@
 mod common;
 
 mod adamw;
+mod attention;
 mod cross_entropy;
 mod errors;
 mod grads_reach;
 mod half_precision;
+mod linear_cross_entropy;
 mod rms_norm;
 mod rope;
 mod softmax;

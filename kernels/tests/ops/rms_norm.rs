@@ -20,7 +20,7 @@ fn inputs(rng: &mut rand::rngs::StdRng, dims: &[usize], d: usize, dev: &Device) 
 fn rms_norm_matches_reference(dev: &Device) -> Result<()> {
     let mut rng = common::rng(11);
     // Odd sizes, d not a power of two, batch dims, and one large enough to run in parallel.
-    for dims in [&[1usize, 7][..], &[17, 33], &[3, 5, 96], &[2, 1, 4, 10], &[130, 257]] {
+    for dims in [&[1usize, 7][..], &[17, 33], &[3, 5, 96], &[2, 1, 4, 10], &[130, 257], &[33, 1024]] {
         let d = *dims.last().unwrap_or(&1);
         let xs = inputs(&mut rng, dims, d, dev)?;
         common::compare(&format!("rms_norm {dims:?}"), &mut rng, &xs, &[true, true], &fused, &unfused, F32_TOL)?;

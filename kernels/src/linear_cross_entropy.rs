@@ -1,0 +1,133 @@
+//! The LM head fused with softmax cross-entropy, chunked over tokens so the full `[n, vocab]`
+//! logits never exist.
+//!
+//! Forward: for each chunk of rows, `logits = x_c · wᵀ` then the fused cross-entropy; only the
+//! per-chunk loss survives. Backward recomputes each chunk's logits, turns them into
+//! `dlogits = (softmax − onehot) · g / n` in place of the logits (the fused backward kernel), and
+//! accumulates `dx_c = dlogits · w` and `dw += dlogitsᵀ · x_c`. Peak extra memory is two chunks of
+//! logits plus `dw`, against `n × vocab` logits and their gradient for the unfused path.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use crate::cross_entropy::{CrossEntropyBwd, cross_entropy};
+use crate::error::KernelError;
+
+const OP: &str = "linear_cross_entropy";
+
+/// Bytes of logits one chunk may take: 1,024 tokens of a 128k vocabulary in bf16.
+pub const CHUNK_BYTES: usize = 256 << 20;
+
+/// Rows per chunk so that one chunk's logits stay within [`CHUNK_BYTES`]. A small model's whole
+/// batch is then one chunk (the same arithmetic as the unfused path).
+pub fn chunk_rows(vocab: usize, dtype: DType) -> usize {
+    (CHUNK_BYTES / (vocab.max(1) * dtype.size_in_bytes())).max(1)
+}
+
+/// Mean cross-entropy of `x · wᵀ` (`x`: `[n, h]`, `w`: `[vocab, h]`, same dtype) against
+/// `targets` (`[n]`, u32), computed `chunk` rows at a time. Returns a rank-0 f32 tensor.
+///
+/// Differentiable with respect to `x` and `w`. Equal to
+/// `cross_entropy(&x.matmul(&w.t()?)?, targets)` up to floating-point summation order.
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+    let (n, h) = x.dims2().map_err(|_| shape("x", x, "[n, h]".to_string()))?;
+    let (v, hw) = w.dims2().map_err(|_| shape("w", w, format!("[vocab, {h}]")))?;
+    if hw != h || v == 0 {
+        return Err(shape("w", w, format!("[vocab, {h}] (h of x)")).into());
+    }
+    if targets.dims() != [n] {
+        return Err(shape("targets", targets, format!("[{n}] (one per row of x)")).into());
+    }
+    if chunk == 0 {
+        return Err(shape("chunk", targets, "a chunk of at least one row".to_string()).into());
+    }
+    let (xd, wd) = (x.detach(), w.detach());
+    let targets = targets.contiguous()?;
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let logits = xd.narrow(0, start, len)?.matmul(&wd.t()?)?;
+        let part = (cross_entropy(&logits, &targets.narrow(0, start, len)?)? * len as f64)?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    let loss = (total.expect("n > 0 rows") / n as f64)?.to_dtype(DType::F32)?;
+    x.apply_op2(w, LinearCrossEntropy { loss, targets, chunk, vocab: v })
+}
+
+fn shape(what: &'static str, t: &Tensor, expected: String) -> KernelError {
+    KernelError::Shape { op: OP, what, got: t.dims().to_vec(), expected }
+}
+
+/// The autograd node: its forward hands back the loss computed chunk by chunk above.
+struct LinearCrossEntropy {
+    loss: Tensor,
+    targets: Tensor,
+    chunk: usize,
+    vocab: usize,
+}
+
+impl CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, _) = self.loss.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => Ok((c.clone(), Shape::from(()))),
+            _ => candle_core::bail!("{OP}: the loss is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (s, l) = self.loss.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, Shape::from(()))),
+            _ => candle_core::bail!("{OP}: the loss is not on CUDA"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (want_x, want_w) = (x.track_op(), w.track_op());
+        if !want_x && !want_w {
+            return Ok((None, None));
+        }
+        let n = x.dim(0)?;
+        let g = g.to_dtype(DType::F32)?;
+        let (xd, wd) = (x.detach(), w.detach());
+        let mut dx = Vec::new();
+        let mut dw: Option<Tensor> = None;
+        for start in (0..n).step_by(self.chunk) {
+            let len = self.chunk.min(n - start);
+            let xc = xd.narrow(0, start, len)?;
+            let logits = xc.matmul(&wd.t()?)?;
+            // The fused backward divides by its own row count: scale g by len / n.
+            let gc = (&g * (len as f64 / n as f64))?;
+            let op = CrossEntropyBwd { vocab: self.vocab };
+            let dlogits = logits.apply_op3_no_bwd(&self.targets.narrow(0, start, len)?, &gc, &op)?;
+            drop(logits);
+            if want_x {
+                dx.push(dlogits.matmul(&wd)?);
+            }
+            if want_w {
+                let part = dlogits.t()?.matmul(&xc)?;
+                dw = Some(match dw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+        }
+        let dx = if want_x { Some(Tensor::cat(&dx, 0)?) } else { None };
+        Ok((dx, dw))
+    }
+}
