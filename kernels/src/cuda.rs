@@ -448,8 +448,8 @@ impl DeviceAdamW {
         self.master.is_empty()
     }
 
-    /// One AdamW step (`step` 1-based) over `range` of the buffers. `grads` is f32, flat, as long
-    /// as the buffers; it is multiplied by `grad_scale` first (clipping). `out`, when given, is a
+    /// One AdamW step (`step` 1-based) over `range` of the buffers. `grads` is f32 or bf16,
+    /// flat, as long as the buffers; it is multiplied by `grad_scale` first (clipping). `out`, when given, is a
     /// flat f32 or bf16 tensor as long as the buffers whose `range` receives the new weights.
     pub fn step(
         &mut self,
@@ -465,8 +465,12 @@ impl DeviceAdamW {
         if range.end > n || range.start > range.end {
             candle_core::bail!("DeviceAdamW: range {range:?} outside {n} parameters");
         }
-        if grads.dims() != [n] || grads.dtype() != DType::F32 {
-            candle_core::bail!("DeviceAdamW: grads must be f32 [{n}], got {:?} {:?}", grads.dtype(), grads.dims());
+        if grads.dims() != [n] || !matches!(grads.dtype(), DType::F32 | DType::BF16) {
+            candle_core::bail!(
+                "DeviceAdamW: grads must be f32 or bf16 [{n}], got {:?} {:?}",
+                grads.dtype(),
+                grads.dims()
+            );
         }
         if range.is_empty() {
             return Ok(());
@@ -474,8 +478,11 @@ impl DeviceAdamW {
         let k = crate::adamw::Scalars::new(cfg, step);
         let (gs, gl) = grads.storage_and_layout();
         let candle_core::Storage::Cuda(gs) = &*gs else { candle_core::bail!("DeviceAdamW: grads are not on CUDA") };
-        let gview = view::<f32>(OP, "grads", (gs, gl))?;
-        let gview = gview.slice(range.clone());
+        let bf16_grads = grads.dtype() == DType::BF16;
+        let g_bf16 =
+            if bf16_grads { Some(view::<half::bf16>(OP, "grads", (gs, gl))?.slice(range.clone())) } else { None };
+        let g_f32 = if bf16_grads { None } else { Some(view::<f32>(OP, "grads", (gs, gl))?.slice(range.clone())) };
+        let g_suffix = if bf16_grads { "_gbf16" } else { "" };
         let len = range.len() as i64;
         let null = 0u64;
         let out_guard = out.map(|o| o.storage_and_layout());
@@ -488,13 +495,19 @@ impl DeviceAdamW {
             },
             None => "f32",
         };
-        let f = func(&self.device, &format!("adamw_{suffix}"))?;
+        let f = func(&self.device, &format!("adamw_{suffix}{g_suffix}"))?;
         let stream = self.device.cuda_stream();
         let mut p = self.master.slice_mut(range.clone());
         let mut m = self.m.slice_mut(range.clone());
         let mut v = self.v.slice_mut(range.clone());
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut p).arg(&mut m).arg(&mut v).arg(&gview);
+        b.arg(&mut p).arg(&mut m).arg(&mut v);
+        if let Some(g) = &g_f32 {
+            b.arg(g);
+        }
+        if let Some(g) = &g_bf16 {
+            b.arg(g);
+        }
         // `out` is written through a shared borrow: candle exposes no mutable storage of a
         // tensor, so this is the one place a kernel writes a tensor it does not own. The caller
         // owns `out` (a flat buffer no autograd graph holds), and every op runs on the device's
@@ -754,30 +767,31 @@ pub(crate) mod flash {
     }
 }
 
-/// `Σ x²` of a flat f32 CUDA tensor, in a fixed order (1024 block partials, then one block):
-/// the gradient norm without candle's single-block `sum_all`.
+/// `Σ x²` of a flat f32 or bf16 CUDA tensor, summed in f32 in a fixed order (1024 block
+/// partials, then one block): the gradient norm without candle's single-block `sum_all`.
 pub fn sum_squares(t: &candle_core::Tensor) -> Result<f64> {
     const OP: &str = "sum_squares";
     const BLOCKS: usize = 1024;
-    if t.dtype() != DType::F32 || t.rank() != 1 {
-        candle_core::bail!("{OP}: expects a flat f32 tensor, got {:?} {:?}", t.dtype(), t.dims());
+    if t.rank() != 1 {
+        candle_core::bail!("{OP}: expects a flat tensor, got {:?}", t.dims());
     }
     let (s, l) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*s else { candle_core::bail!("{OP}: the tensor is not on CUDA") };
     let dev = &s.device;
-    let x = view::<f32>(OP, "x", (s, l))?;
-    let n = x.len() as i64;
     let mut part = output::<f32>(dev, BLOCKS)?;
     let mut out = output::<f32>(dev, 1)?;
     let stream = dev.cuda_stream();
-    {
-        let f = func(dev, "sumsq_part_f32")?;
+    dispatch!(OP, s, |T| {
+        let x = view::<T>(OP, "x", (s, l))?;
+        let n = x.len() as i64;
+        let f = func(dev, &format!("sumsq_part_{}", T::SUFFIX))?;
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&mut part).arg(&n);
         let cfg = LaunchConfig { grid_dim: (BLOCKS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: (x, part, n) as sumsq_part_f32; part holds one value per block.
+        // SAFETY: (x, part, n) as sumsq_part_*; part holds one value per block.
         unsafe { b.launch(cfg) }.w()?;
-    }
+        Ok::<(), candle_core::Error>(())
+    })?;
     let f = func(dev, "sum_f32")?;
     let mut b = stream.launch_builder(&f);
     let parts = BLOCKS as i32;

@@ -1,11 +1,12 @@
 //! The LM head fused with softmax cross-entropy, chunked over tokens so the full `[n, vocab]`
 //! logits never exist.
 //!
-//! Forward: for each chunk of rows, `logits = x_c · wᵀ` then the fused cross-entropy; only the
-//! per-chunk loss survives. Backward recomputes each chunk's logits, turns them into
-//! `dlogits = (softmax − onehot) · g / n` in place of the logits (the fused backward kernel), and
-//! accumulates `dx_c = dlogits · w` and `dw += dlogitsᵀ · x_c`. Peak extra memory is two chunks of
-//! logits plus `dw`, against `n × vocab` logits and their gradient for the unfused path.
+//! For each chunk of rows: `logits = x_c · wᵀ`, the fused cross-entropy (the chunk's loss) and,
+//! when `x` or `w` needs a gradient, right away `dlogits = (softmax − onehot) / n` in place of the
+//! logits (the fused backward kernel), `dx_c = dlogits · w` and `dw += dlogitsᵀ · x_c`. The
+//! backward then only scales `dx` and `dw` by the incoming gradient: no second pass over the
+//! vocabulary. Peak extra memory is two chunks of logits plus `dx` and `dw`, against `n × vocab`
+//! logits and their gradient for the unfused path.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -42,30 +43,55 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usi
     }
     let (xd, wd) = (x.detach(), w.detach());
     let targets = targets.contiguous()?;
+    let (want_x, want_w) = (x.track_op(), w.track_op());
+    // The gradient of the mean for an incoming gradient of 1; the backward scales it.
+    let one = Tensor::ones((), DType::F32, x.device())?;
     let mut total: Option<Tensor> = None;
+    let mut dx = Vec::new();
+    let mut dw: Option<Tensor> = None;
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = xd.narrow(0, start, len)?.matmul(&wd.t()?)?;
-        let part = (cross_entropy(&logits, &targets.narrow(0, start, len)?)? * len as f64)?;
+        let xc = xd.narrow(0, start, len)?;
+        let tc = targets.narrow(0, start, len)?;
+        let logits = xc.matmul(&wd.t()?)?;
+        let part = (cross_entropy(&logits, &tc)? * len as f64)?;
         total = Some(match total {
             Some(t) => (t + part)?,
             None => part,
         });
+        if !want_x && !want_w {
+            continue;
+        }
+        // The fused backward divides by its own row count: scale by len / n.
+        let gc = (&one * (len as f64 / n as f64))?;
+        let dlogits = logits.apply_op3_no_bwd(&tc, &gc, &CrossEntropyBwd { vocab: v })?;
+        drop(logits);
+        if want_x {
+            dx.push(dlogits.matmul(&wd)?);
+        }
+        if want_w {
+            let part = dlogits.t()?.matmul(&xc)?;
+            dw = Some(match dw {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
     }
     let loss = (total.expect("n > 0 rows") / n as f64)?.to_dtype(DType::F32)?;
-    x.apply_op2(w, LinearCrossEntropy { loss, targets, chunk, vocab: v })
+    let dx = if want_x { Some(Tensor::cat(&dx, 0)?) } else { None };
+    x.apply_op2(w, LinearCrossEntropy { loss, dx, dw })
 }
 
 fn shape(what: &'static str, t: &Tensor, expected: String) -> KernelError {
     KernelError::Shape { op: OP, what, got: t.dims().to_vec(), expected }
 }
 
-/// The autograd node: its forward hands back the loss computed chunk by chunk above.
+/// The autograd node: its forward hands back the loss computed chunk by chunk above, its
+/// backward the gradients computed there, times the incoming gradient.
 struct LinearCrossEntropy {
     loss: Tensor,
-    targets: Tensor,
-    chunk: usize,
-    vocab: usize,
+    dx: Option<Tensor>,
+    dw: Option<Tensor>,
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -97,37 +123,16 @@ impl CustomOp2 for LinearCrossEntropy {
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (want_x, want_w) = (x.track_op(), w.track_op());
-        if !want_x && !want_w {
-            return Ok((None, None));
-        }
-        let n = x.dim(0)?;
-        let g = g.to_dtype(DType::F32)?;
-        let (xd, wd) = (x.detach(), w.detach());
-        let mut dx = Vec::new();
-        let mut dw: Option<Tensor> = None;
-        for start in (0..n).step_by(self.chunk) {
-            let len = self.chunk.min(n - start);
-            let xc = xd.narrow(0, start, len)?;
-            let logits = xc.matmul(&wd.t()?)?;
-            // The fused backward divides by its own row count: scale g by len / n.
-            let gc = (&g * (len as f64 / n as f64))?;
-            let op = CrossEntropyBwd { vocab: self.vocab };
-            let dlogits = logits.apply_op3_no_bwd(&self.targets.narrow(0, start, len)?, &gc, &op)?;
-            drop(logits);
-            if want_x {
-                dx.push(dlogits.matmul(&wd)?);
+    fn bwd(&self, _x: &Tensor, _w: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // g is one number (the loss's weight in the total, often exactly 1). Scaling in f32
+        // keeps a weight like 1/3 exact to f32 precision (in bf16 it would be off by 0.1%).
+        let g = f64::from(g.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        let scale = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            match t {
+                Some(t) if g != 1.0 => Ok(Some((t.to_dtype(DType::F32)? * g)?.to_dtype(t.dtype())?)),
+                t => Ok(t.clone()),
             }
-            if want_w {
-                let part = dlogits.t()?.matmul(&xc)?;
-                dw = Some(match dw {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-            }
-        }
-        let dx = if want_x { Some(Tensor::cat(&dx, 0)?) } else { None };
-        Ok((dx, dw))
+        };
+        Ok((scale(&self.dx)?, scale(&self.dw)?))
     }
 }

@@ -20,6 +20,10 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
     /// The device's peak dense bf16 rate in TFLOP/s, for MFU (989 = H100 SXM).
+    /// Sequences per step over all workers (default: the recipe's train.global_batch). The same
+    /// for every node count, so the scaling column compares the same work.
+    #[arg(long)]
+    pub global_batch: Option<usize>,
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
     #[arg(long)]
@@ -51,6 +55,12 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     let mut recipe = super::recipe::load(&a.recipe)?;
     super::recipe::ensure_dataset(&recipe, &a.recipe, !a.json)?;
     super::recipe::resolve(&mut recipe, &a.recipe)?;
+    if let Some(b) = a.global_batch {
+        if b == 0 || a.nodes.iter().any(|&n| b < n) {
+            bail!("--global-batch {b}: needs at least one sequence per worker (nodes {:?})", a.nodes);
+        }
+        recipe.train.global_batch = b;
+    }
     recipe.train.steps = a.steps;
     recipe.train.warmup_steps = recipe.train.warmup_steps.min(a.steps);
     recipe.checkpoint.every = a.steps;
@@ -94,10 +104,13 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     let spec = recipe.spec().context("resolved above")?;
     let fpt = flops_per_token(spec, recipe.train.seq_len);
     let mfu = |r: &Row| r.tokens_per_s * fpt / (a.peak_tflops * 1e12) / r.nodes as f64;
+    // Scaling efficiency against the one-worker run: tokens/s over n times one worker's.
+    let one = rows.iter().find(|r| r.nodes == 1).map(|r| r.tokens_per_s);
+    let scaling = |r: &Row| one.map(|o| r.tokens_per_s / (o * r.nodes as f64));
     if a.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "peak_memory_bytes": r.peak_memory_bytes}))
+            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes}))
             .collect();
         println!(
             "{}",
@@ -115,18 +128,22 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     );
     println!("MFU = tokens/s x {:.3e} FLOP/token / ({} TFLOP/s x nodes)", fpt, a.peak_tflops);
     println!(
-        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>9} | {:>10}",
-        "nodes", "steps", "s/step", "tokens/s", "MFU", "peak GiB", "final loss"
+        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>7} | {:>9} | {:>10}",
+        "nodes", "steps", "s/step", "tokens/s", "MFU", "scaling", "peak GiB", "final loss"
     );
-    println!("{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<9}-+-{:-<10}", "", "", "", "", "", "", "");
+    println!(
+        "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}",
+        "", "", "", "", "", "", "", ""
+    );
     for r in &rows {
         println!(
-            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>9.2} | {:>10.4}",
+            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>7} | {:>9.2} | {:>10.4}",
             r.nodes,
             r.timed_steps,
             r.seconds / r.timed_steps as f64,
             r.tokens_per_s,
             100.0 * mfu(r),
+            scaling(r).map_or("-".to_string(), |s| format!("{s:.3}")),
             r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
             r.final_loss
         );

@@ -73,6 +73,12 @@ impl LocalCluster {
                     "--exit-with-parent",
                     &me,
                 ])
+                .args(
+                    swarm_worker::device::local_worker_device(i)
+                        .map(|d| ["--device".to_string(), d])
+                        .into_iter()
+                        .flatten(),
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(log_dir, &format!("worker-{i}.log"))?)

@@ -114,6 +114,23 @@ pub fn select(spec: &str) -> anyhow::Result<Device> {
     }
 }
 
+/// The `--device` of local worker `i` of a one-machine cluster when the machine has several
+/// CUDA devices: GPU `i mod n` (on `auto` every worker would take GPU 0). `None` otherwise,
+/// and when `SWARM_DEVICE` chooses for every worker.
+pub fn local_worker_device(i: usize) -> Option<String> {
+    if std::env::var_os("SWARM_DEVICE").is_some() {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    if let Ok(n) = crate::gpu::device_count()
+        && n > 1
+    {
+        return Some(format!("cuda:{}", i % n));
+    }
+    let _ = i;
+    None
+}
+
 /// This machine's devices: the CPU (measured) and any CUDA GPUs.
 pub fn detect() -> Vec<DeviceInfo> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);

@@ -122,10 +122,13 @@ fn flat_grads(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow
 
 #[cfg(feature = "cuda")]
 /// Flat f32 gradients left on the model's device (one concatenation, no host copy).
+/// The gradients in parameter order as one flat tensor on the device, in the compute dtype
+/// (the norm and AdamW kernels read bf16 directly; a cast to f32 would cost a pass over 6 bytes
+/// per parameter).
 fn flat_grads_on_device(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Tensor> {
     let parts =
         grads_in_order(model, grads)?.into_iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// The compute dtype a recipe asks for on `device`.
@@ -140,7 +143,8 @@ pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
 
 /// Where the optimizer runs. On the host (any device, any world size): the ring carries flat
 /// f32 gradients and parameters. On a CUDA device training alone: master weights, moments and
-/// the update stay on the device and nothing crosses PCIe per step.
+/// the update stay on the device and nothing crosses PCIe per step. In a group of CUDA ranks:
+/// the same, for this rank's shard, with NCCL moving gradients and parameters.
 enum Optimizer {
     Host,
     #[cfg(feature = "cuda")]
@@ -148,6 +152,15 @@ enum Optimizer {
         adam: swarm_kernels::DeviceAdamW,
         /// The parameters in the compute dtype, flat, written by the AdamW kernel.
         flat: Tensor,
+    },
+    #[cfg(feature = "cuda")]
+    Nccl {
+        group: crate::comm::nccl::NcclGroup,
+        /// Master weights and moments of this rank's shard.
+        adam: swarm_kernels::DeviceAdamW,
+        /// This rank's shard of the parameters in the compute dtype, padded to the group's
+        /// chunk: what the all-gather sends.
+        shard: Tensor,
     },
 }
 
@@ -262,6 +275,29 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let dtype = compute_dtype(t.precision, &device);
     model.cast(dtype)?;
     let mut ring = Ring::connect(&ctx.data_plane, a.job, a.attempt, a.rank, &a.peers, &ctx.aborter)?;
+    // A group whose ranks all train on CUDA moves gradients and parameters through NCCL; any
+    // other group through the TCP ring. Every rank votes, so all take the same path.
+    #[cfg(feature = "cuda")]
+    let nccl = match a.world_size > 1 {
+        false => None,
+        true => match crate::comm::nccl::usable(&mut ring, &device)? {
+            Ok(()) => {
+                let g = crate::comm::nccl::NcclGroup::connect(&mut ring, &device)?;
+                tracing::info!(job = %a.job, rank = %a.rank, world = g.world(), "NCCL group ready");
+                Some(g)
+            }
+            Err(why) => {
+                tracing::info!(job = %a.job, rank = %a.rank, "gradients go over the TCP ring: {why}");
+                None
+            }
+        },
+    };
+    #[cfg(feature = "cuda")]
+    let own = match &nccl {
+        Some(g) => g.own_range(len),
+        None => ring.own_range(len),
+    };
+    #[cfg(not(feature = "cuda"))]
     let own = ring.own_range(len);
     // Every rank must start from the same weights (ZeRO-1 keeps full replicas).
     let local: f64 = params.iter().map(|x| f64::from(*x)).sum();
@@ -284,11 +320,19 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         .collect();
     let mut optimizer = Optimizer::Host;
     #[cfg(feature = "cuda")]
-    if device.is_cuda() && a.world_size == 1 {
+    if let Some(group) = nccl {
+        let adam = swarm_kernels::DeviceAdamW::new(&device, &params[own.clone()], &m, &v)?;
+        let shard = Tensor::zeros(group.chunk(len), dtype, &device)?;
+        optimizer = Optimizer::Nccl { group, adam, shard };
+    } else if device.is_cuda() && a.world_size == 1 {
         let adam = swarm_kernels::DeviceAdamW::new(&device, &params, &m, &v)?;
         let flat = Tensor::zeros(len, dtype, &device)?;
         optimizer = Optimizer::Device { adam, flat };
     }
+    #[cfg(feature = "cuda")]
+    let mut nccl_bytes = 0u64;
+    #[cfg(not(feature = "cuda"))]
+    let nccl_bytes = 0u64;
     let (offset, count) = (a.share.offset, a.share.count);
     let share = count as f64 / t.global_batch as f64;
     tracing::info!(job = %a.job, rank = %a.rank, params = len, own = own.len(), start = %start, "training");
@@ -306,9 +350,14 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         }
         let windows = Tensor::from_vec(tokens, (count, t.seq_len + 1), &device)?;
         let loss = model.loss(&windows)?;
-        let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        if profile {
+            device.synchronize()?;
+        }
         let t_fwd = t0.elapsed().as_secs_f64();
-        let grads = (loss * share)?.backward()?;
+        let grads = (&loss * share)?.backward()?;
+        // Read after the backward is queued: reading it earlier would make the host wait for
+        // the forward before queuing the backward's kernels.
+        let loss_value = f64::from(loss.to_scalar::<f32>()?);
         if profile {
             device.synchronize()?;
             eprintln!(
@@ -383,6 +432,49 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 }
                 (norm, t0.elapsed().as_secs_f64(), 0.0)
             }
+            #[cfg(feature = "cuda")]
+            Optimizer::Nccl { group, adam, shard } => {
+                // Gradients summed in f32 (as the TCP ring does), padded to equal chunks.
+                let grad = flat_grads_on_device(&model, &grads)?;
+                drop(grads);
+                let padded = group.chunk(len) * group.world();
+                let grad = match padded - len {
+                    0 => grad.to_dtype(DType::F32)?,
+                    pad => Tensor::cat(&[&grad.to_dtype(DType::F32)?, &Tensor::zeros(pad, DType::F32, &device)?], 0)?,
+                };
+                device.synchronize()?;
+                let compute_fwd_bwd = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let own_grad = group.reduce_scatter_f32(&grad)?.narrow(0, 0, own.len())?;
+                drop(grad);
+                let sumsq = swarm_kernels::sum_squares(&own_grad)?;
+                let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();
+                let mut comm = t1.elapsed().as_secs_f64();
+                check_norm(norm, step)?;
+                let t2 = Instant::now();
+                let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
+                adam_step += 1;
+                let out = shard.narrow(0, 0, own.len())?;
+                for (r, decays) in &decay {
+                    adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &own_grad, Some(&out))?;
+                }
+                device.synchronize()?;
+                let optim = t2.elapsed().as_secs_f64();
+                let t3 = Instant::now();
+                let flat = group.all_gather(shard)?;
+                set_from_flat(&model, &flat.narrow(0, 0, len)?)?;
+                device.synchronize()?;
+                comm += t3.elapsed().as_secs_f64();
+                nccl_bytes = group.bytes_sent();
+                if profile {
+                    eprintln!(
+                        "{step}: step total {:.1} ms, comm {:.1} ms",
+                        t0.elapsed().as_secs_f64() * 1e3,
+                        comm * 1e3
+                    );
+                }
+                (norm, compute_fwd_bwd + optim, comm)
+            }
         };
         cursor += t.global_batch as u64;
 
@@ -395,13 +487,20 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             lr,
             grad_norm: norm,
             peak_memory_bytes: peak_memory(&device),
-            bytes_sent: ring.bytes_sent(),
+            bytes_sent: ring.bytes_sent() + nccl_bytes,
         }))?;
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
             #[cfg(feature = "cuda")]
-            if let Optimizer::Device { adam, .. } = &optimizer {
-                (params, m, v) = adam.to_host()?;
+            match &optimizer {
+                Optimizer::Device { adam, .. } => (params, m, v) = adam.to_host()?,
+                // The checkpoint writes this rank's range of `params` and its moments.
+                Optimizer::Nccl { adam, .. } => {
+                    let (p, mm, vv) = adam.to_host()?;
+                    params[own.clone()].copy_from_slice(&p);
+                    (m, v) = (mm, vv);
+                }
+                Optimizer::Host => {}
             }
             let dir = recipe.checkpoint.dir.join(step_dir_name(step));
             let files = checkpoint::write_rank(

@@ -299,10 +299,13 @@ __device__ void ce_fwd(const T* logits, const unsigned* targets, float* loss, in
 }
 
 // grid (G), block (256): part[b] = sum of x[i]^2 over i = b*256 + t, stepping G*256.
-extern "C" __global__ void __launch_bounds__(256) sumsq_part_f32(const float* x, float* part, long long n) {
+template <typename T>
+__device__ void sumsq_part(const T* x, float* part, long long n) {
   float s = 0.f;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    s += x[i] * x[i];
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const float v = ld(x[i]);
+    s += v * v;
+  }
   s = block_sum(s);
   if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
@@ -344,16 +347,16 @@ __device__ void ce_bwd(const T* logits, const unsigned* targets, const float* g,
 }
 
 // ---------------------------------------------------------------- AdamW
-// grid (ceil(n / 256)), block (256). Master weights, moments and gradients f32; the update
-// also writes the parameters in the compute dtype (out, may be 0). Gradients are multiplied by
-// gscale first (global-norm clipping). Same maths as the CPU adamw_step.
-template <typename T>
-__device__ void adamw(float* p, float* m, float* v, const float* g, T* out, long long n, float gscale, float decay,
+// grid (ceil(n / 256)), block (256). Master weights and moments f32, gradients f32 or bf16
+// (G); the update also writes the parameters in the compute dtype (out, may be 0). Gradients
+// are multiplied by gscale first (global-norm clipping). Same maths as the CPU adamw_step.
+template <typename T, typename G>
+__device__ void adamw(float* p, float* m, float* v, const G* g, T* out, long long n, float gscale, float decay,
                       float one_minus_beta1, float beta2, float one_minus_beta2, float step_size, float bc2_sqrt,
                       float eps) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float gv = g[i] * gscale;
+  const float gv = ld(g[i]) * gscale;
   float mv = m[i], vv = v[i];
   mv += one_minus_beta1 * (gv - mv);
   vv = beta2 * vv + one_minus_beta2 * gv * gv;
@@ -418,10 +421,16 @@ __device__ void adamw(float* p, float* m, float* v, const float* g, T* out, long
       ce_bwd_##S(const T* l, const unsigned* t, const float* g, T* dl, int v, float scale) {                 \
     ce_bwd<T>(l, t, g, dl, v, scale);                                                                        \
   }                                                                                                          \
+  extern "C" __global__ void sumsq_part_##S(const T* x, float* part, long long n) { sumsq_part<T>(x, part, n); } \
   extern "C" __global__ void adamw_##S(float* p, float* m, float* v, const float* g, T* out, long long n,     \
                                        float gscale, float decay, float b1c, float b2, float b2c, float lr_t, \
                                        float bc2, float eps) {                                               \
-    adamw<T>(p, m, v, g, out, n, gscale, decay, b1c, b2, b2c, lr_t, bc2, eps);                               \
+    adamw<T, float>(p, m, v, g, out, n, gscale, decay, b1c, b2, b2c, lr_t, bc2, eps);                        \
+  }                                                                                                          \
+  extern "C" __global__ void adamw_##S##_gbf16(float* p, float* m, float* v, const bf16* g, T* out,          \
+                                               long long n, float gscale, float decay, float b1c, float b2,  \
+                                               float b2c, float lr_t, float bc2, float eps) {                \
+    adamw<T, bf16>(p, m, v, g, out, n, gscale, decay, b1c, b2, b2c, lr_t, bc2, eps);                         \
   }
 
 ENTRY(float, f32)

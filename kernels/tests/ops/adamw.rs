@@ -84,12 +84,15 @@ fn device_adamw_matches_reference() -> candle_core::Result<()> {
     let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     let (mut p_ref, mut m_ref, mut v_ref) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
     let mut opt = DeviceAdamW::new(&dev, &p0, &vec![0f32; n], &vec![0f32; n])?;
-    for out_dtype in [DType::BF16, DType::F32] {
+    // Parameters out in bf16 or f32; gradients in f32 or bf16 (the reference gets the same
+    // bf16-rounded values).
+    for (out_dtype, grad_dtype) in [(DType::BF16, DType::F32), (DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
         let out = Tensor::zeros(n, out_dtype, &dev)?;
-        for step in 1..=4u64 {
+        for step in 1..=3u64 {
             let g: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..0.5)).collect();
             let scale = 0.5f32;
-            let gd = Tensor::from_slice(&g, n, &dev)?;
+            let gd = Tensor::from_slice(&g, n, &dev)?.to_dtype(grad_dtype)?;
+            let g: Vec<f32> = gd.to_dtype(DType::F32)?.to_vec1()?;
             opt.step(&cfg, step, 0..split, scale, &gd, Some(&out))?;
             let no_decay = AdamW { weight_decay: 0.0, ..cfg };
             opt.step(&no_decay, step, split..n, scale, &gd, Some(&out))?;
@@ -115,7 +118,7 @@ fn device_adamw_matches_reference() -> candle_core::Result<()> {
             // bound the largest absolute difference (values are O(1) or smaller).
             for (what, a, b) in [("params", &p, &p_ref), ("m", &m, &m_ref), ("v", &v, &v_ref)] {
                 let e = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-                assert!(e <= 1e-6, "{out_dtype:?} step {step}: {what} differ by up to {e:.2e}");
+                assert!(e <= 1e-6, "{out_dtype:?} {grad_dtype:?} step {step}: {what} differ by up to {e:.2e}");
             }
             // The parameter copy is the master weights rounded to the copy's dtype.
             let want = Tensor::from_slice(&p, n, &dev)?.to_dtype(out_dtype)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -140,8 +143,15 @@ fn sum_squares_matches_f64() -> candle_core::Result<()> {
     for n in [1usize, 1000, 1_234_567] {
         let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
         let want: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
-        let got = swarm_kernels::sum_squares(&candle_core::Tensor::from_slice(&x, n, &dev)?)?;
+        let t = candle_core::Tensor::from_slice(&x, n, &dev)?;
+        let got = swarm_kernels::sum_squares(&t)?;
         assert!((got - want).abs() <= 1e-5 * want, "n={n}: {got} vs {want}");
+        // bf16: the sum of the rounded values.
+        let tb = t.to_dtype(candle_core::DType::BF16)?;
+        let xb: Vec<f32> = tb.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let want: f64 = xb.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        let got = swarm_kernels::sum_squares(&tb)?;
+        assert!((got - want).abs() <= 1e-5 * want, "bf16 n={n}: {got} vs {want}");
     }
     Ok(())
 }
