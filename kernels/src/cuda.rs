@@ -142,8 +142,8 @@ pub(crate) fn rms_norm_fwd(
         // A warp per row with the row in registers when d is 32 lanes x 1, 2, 4 or 8 vectors
         // and the buffers are 16-byte aligned; else a block per row.
         let per_lane = d / (32 * 16 / std::mem::size_of::<T>());
-        let aligned = x.1.start_offset() * std::mem::size_of::<T>() % 16 == 0
-            && w.1.start_offset() * std::mem::size_of::<T>() % 16 == 0;
+        let aligned = (x.1.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16)
+            && (w.1.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
         if aligned && d % (32 * 16 / std::mem::size_of::<T>()) == 0 && matches!(per_lane, 1 | 2 | 4 | 8) {
             let f = func(dev, &format!("rms_norm_fwd_warp{per_lane}_{}", T::SUFFIX))?;
             let ri = i32_of(OP, "rows", rows)?;

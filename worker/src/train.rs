@@ -191,10 +191,10 @@ fn check_norm(norm: f64, step: Step) -> anyhow::Result<()> {
 /// exposed, so this is the use at the end of the step), else the process's peak RSS.
 fn peak_memory(device: &Device) -> u64 {
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        if let Ok((free, total)) = d.cuda_stream().context().mem_get_info() {
-            return (total - free) as u64;
-        }
+    if let Device::Cuda(d) = device
+        && let Ok((free, total)) = d.cuda_stream().context().mem_get_info()
+    {
+        return (total - free) as u64;
     }
     let _ = device;
     peak_memory_bytes()

@@ -107,7 +107,7 @@ impl NcclGroup {
     /// Sums `flat` (f32, `chunk * world` elements) over the ranks; returns this rank's chunk.
     pub fn reduce_scatter_f32(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
         let n = flat.elem_count();
-        if flat.dtype() != DType::F32 || n % self.world != 0 {
+        if flat.dtype() != DType::F32 || !n.is_multiple_of(self.world) {
             bail!("reduce_scatter: expects f32 with a multiple of {} elements, got {:?} {n}", self.world, flat.dtype());
         }
         let chunk = n / self.world;
