@@ -434,18 +434,19 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             }
             #[cfg(feature = "cuda")]
             Optimizer::Nccl { group, adam, shard } => {
-                // Gradients summed in f32 (as the TCP ring does), padded to equal chunks.
+                // Gradients summed in the compute dtype (bf16 on a GPU: half the bytes of f32
+                // and no cast; the master weights stay f32), padded to equal chunks.
                 let grad = flat_grads_on_device(&model, &grads)?;
                 drop(grads);
                 let padded = group.chunk(len) * group.world();
                 let grad = match padded - len {
-                    0 => grad.to_dtype(DType::F32)?,
-                    pad => Tensor::cat(&[&grad.to_dtype(DType::F32)?, &Tensor::zeros(pad, DType::F32, &device)?], 0)?,
+                    0 => grad,
+                    pad => Tensor::cat(&[&grad, &Tensor::zeros(pad, grad.dtype(), &device)?], 0)?,
                 };
                 device.synchronize()?;
                 let compute_fwd_bwd = t0.elapsed().as_secs_f64();
                 let t1 = Instant::now();
-                let own_grad = group.reduce_scatter_f32(&grad)?.narrow(0, 0, own.len())?;
+                let own_grad = group.reduce_scatter(&grad)?.narrow(0, 0, own.len())?;
                 drop(grad);
                 let sumsq = swarm_kernels::sum_squares(&own_grad)?;
                 let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();

@@ -104,23 +104,38 @@ impl NcclGroup {
         self.bytes_sent
     }
 
-    /// Sums `flat` (f32, `chunk * world` elements) over the ranks; returns this rank's chunk.
-    pub fn reduce_scatter_f32(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
+    /// Sums `flat` (f32 or bf16, `chunk * world` elements) over the ranks, in its dtype;
+    /// returns this rank's chunk.
+    pub fn reduce_scatter(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
         let n = flat.elem_count();
-        if flat.dtype() != DType::F32 || !n.is_multiple_of(self.world) {
-            bail!("reduce_scatter: expects f32 with a multiple of {} elements, got {:?} {n}", self.world, flat.dtype());
+        if !n.is_multiple_of(self.world) {
+            bail!("reduce_scatter: expects a multiple of {} elements, got {n}", self.world);
         }
         let chunk = n / self.world;
         let flat = flat.contiguous()?;
         let (s, l) = flat.storage_and_layout();
         let Storage::Cuda(s) = &*s else { bail!("reduce_scatter: the tensor is not on CUDA") };
-        let send = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n);
-        let mut out = self.device.alloc_zeros::<f32>(chunk)?;
-        self.comm
-            .reduce_scatter(&send, &mut out, &ReduceOp::Sum)
-            .map_err(|e| anyhow!("ncclReduceScatter ({n} f32 over {} ranks): {:?}", self.world, e.0))?;
-        self.bytes_sent += ((self.world - 1) * chunk * 4) as u64;
-        Ok(wrap(out, &self.device, chunk))
+        let o = l.start_offset();
+        let err = |e: cudarc::nccl::result::NcclError| {
+            anyhow!("ncclReduceScatter ({n} values over {} ranks): {:?}", self.world, e.0)
+        };
+        let t = match flat.dtype() {
+            DType::F32 => {
+                let send = s.as_cuda_slice::<f32>()?.slice(o..o + n);
+                let mut out = self.device.alloc_zeros::<f32>(chunk)?;
+                self.comm.reduce_scatter(&send, &mut out, &ReduceOp::Sum).map_err(err)?;
+                wrap(out, &self.device, chunk)
+            }
+            DType::BF16 => {
+                let send = s.as_cuda_slice::<half::bf16>()?.slice(o..o + n);
+                let mut out = self.device.alloc_zeros::<half::bf16>(chunk)?;
+                self.comm.reduce_scatter(&send, &mut out, &ReduceOp::Sum).map_err(err)?;
+                wrap(out, &self.device, chunk)
+            }
+            d => bail!("reduce_scatter: {d:?} is not supported (f32 or bf16)"),
+        };
+        self.bytes_sent += ((self.world - 1) * chunk * flat.dtype().size_in_bytes()) as u64;
+        Ok(t)
     }
 
     /// Concatenates every rank's `shard` (same length and dtype on all: f32 or bf16), in rank order.
