@@ -2,9 +2,10 @@
 //!
 //! Every rank holds the full model. Per step it runs forward and backward on its rows of the
 //! global batch (the loss scaled by its share of the batch's tokens, so summed gradients are the
-//! global mean), reduce-scatters the flat gradient over the ring, clips by the global norm,
-//! applies AdamW to the chunk it owns (f32 moments for that chunk only), and all-gathers the
-//! updated parameters.
+//! global mean), reduce-scatters the flat gradient, clips by the global norm, applies AdamW to
+//! the chunk it owns (f32 moments for that chunk only), and all-gathers the updated parameters.
+//! The collectives go through NCCL when every rank is on its own CUDA device, else through the
+//! TCP ring; a CUDA rank training alone keeps the whole optimizer on its device.
 
 use crate::checkpoint::{self, RankShard};
 use crate::comm::dataplane::DataPlane;
@@ -121,10 +122,9 @@ fn flat_grads(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow
 }
 
 #[cfg(feature = "cuda")]
-/// Flat f32 gradients left on the model's device (one concatenation, no host copy).
-/// The gradients in parameter order as one flat tensor on the device, in the compute dtype
-/// (the norm and AdamW kernels read bf16 directly; a cast to f32 would cost a pass over 6 bytes
-/// per parameter).
+/// The gradients in parameter order as one flat tensor on the device (one concatenation, no
+/// host copy), in the compute dtype: the norm and AdamW kernels read bf16 directly, where a cast
+/// to f32 would cost a pass over 6 bytes per parameter.
 fn flat_grads_on_device(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Tensor> {
     let parts =
         grads_in_order(model, grads)?.into_iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
