@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod flat_grads;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod model;

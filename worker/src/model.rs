@@ -162,6 +162,27 @@ impl Llama {
         Ok(())
     }
 
+    /// Moves every parameter into one flat buffer of `len` elements (at least `num_params`; the
+    /// tail is zero padding) in `param_shapes` order, and makes each parameter a view of its
+    /// range. Writing the buffer (an optimizer kernel, a collective) then updates the model in
+    /// place, with no per-parameter copy. Returns the buffer.
+    pub fn pack(&mut self, len: usize) -> anyhow::Result<Tensor> {
+        let n = self.num_params();
+        if len < n {
+            bail!("pack: a buffer of {len} elements cannot hold the model's {n} parameters");
+        }
+        let flat = Tensor::zeros(len, self.dtype, &self.device)?;
+        let mut off = 0;
+        for p in &mut self.params {
+            let k = p.var.elem_count();
+            let view = Var::from_view(&flat.narrow(0, off, k)?.reshape(p.var.shape())?)?;
+            view.set(p.var.as_tensor())?;
+            p.var = view;
+            off += k;
+        }
+        Ok(flat)
+    }
+
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }

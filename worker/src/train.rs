@@ -11,6 +11,8 @@ use crate::checkpoint::{self, RankShard};
 use crate::comm::dataplane::DataPlane;
 use crate::comm::ring::{Aborter, Ring};
 use crate::data::{Dataset, SampleOrder, sample_rows};
+#[cfg(feature = "cuda")]
+use crate::flat_grads::FlatGrads;
 use crate::model::Llama;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
@@ -22,6 +24,12 @@ use std::time::Instant;
 use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::job::step_dir_name;
 use swarm_sharding::{Assignment, Manifest, Precision, ShardFile, Step, WorkerId};
+
+/// Gradient values per all-reduce bucket on CUDA: 32 Mi values (64 MiB of bf16), about one
+/// transformer layer of a 1B model. Big enough for NCCL to reach its bandwidth, small enough
+/// that the last bucket (the one the backward pass ends with) leaves little to wait for.
+#[cfg(feature = "cuda")]
+const GRAD_BUCKET_ELEMS: usize = 32 << 20;
 
 /// What a rank tells the coordinator while it trains.
 #[derive(Clone, Debug)]
@@ -86,18 +94,6 @@ pub fn unflatten_into(model: &Llama, flat: &[f32]) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
-/// Copies a flat device tensor (the model's dtype, `param_shapes` order) into the variables.
-fn set_from_flat(model: &Llama, flat: &Tensor) -> anyhow::Result<()> {
-    let mut off = 0;
-    for p in &model.params {
-        let n = p.var.elem_count();
-        p.var.set(&flat.narrow(0, off, n)?.reshape(p.var.shape())?)?;
-        off += n;
-    }
-    Ok(())
-}
-
 /// The gradient of every parameter, in `param_shapes` order; a parameter no gradient reached is
 /// an error, never a silent zero.
 fn grads_in_order<'a>(model: &Llama, grads: &'a candle_core::backprop::GradStore) -> anyhow::Result<Vec<&'a Tensor>> {
@@ -121,16 +117,6 @@ fn flat_grads(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow
     Ok(out)
 }
 
-#[cfg(feature = "cuda")]
-/// The gradients in parameter order as one flat tensor on the device (one concatenation, no
-/// host copy), in the compute dtype: the norm and AdamW kernels read bf16 directly, where a cast
-/// to f32 would cost a pass over 6 bytes per parameter.
-fn flat_grads_on_device(model: &Llama, grads: &candle_core::backprop::GradStore) -> anyhow::Result<Tensor> {
-    let parts =
-        grads_in_order(model, grads)?.into_iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
 /// The compute dtype a recipe asks for on `device`.
 pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
     match precision {
@@ -150,8 +136,10 @@ enum Optimizer {
     #[cfg(feature = "cuda")]
     Device {
         adam: swarm_kernels::DeviceAdamW,
-        /// The parameters in the compute dtype, flat, written by the AdamW kernel.
-        flat: Tensor,
+        /// The model's parameters (compute dtype, flat; each parameter a view of its range),
+        /// written by the AdamW kernel.
+        packed: Tensor,
+        grads: FlatGrads,
     },
     #[cfg(feature = "cuda")]
     Nccl {
@@ -159,8 +147,11 @@ enum Optimizer {
         /// Master weights and moments of this rank's shard.
         adam: swarm_kernels::DeviceAdamW,
         /// This rank's shard of the parameters in the compute dtype, padded to the group's
-        /// chunk: what the all-gather sends.
+        /// chunk: what the AdamW kernel writes and the all-gather sends.
         shard: Tensor,
+        /// The model's parameters, padded to `world` chunks: what the all-gather fills.
+        packed: Tensor,
+        grads: FlatGrads,
     },
 }
 
@@ -319,15 +310,21 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         })
         .collect();
     let mut optimizer = Optimizer::Host;
+    // On CUDA the model's parameters become views of one flat buffer (written in place by the
+    // optimizer and the all-gather) and gradients land in another as the backward pass ends each.
     #[cfg(feature = "cuda")]
     if let Some(group) = nccl {
+        let padded = group.chunk(len) * group.world();
+        let packed = model.pack(padded)?;
+        let grads = FlatGrads::new(&model, padded, GRAD_BUCKET_ELEMS)?;
         let adam = swarm_kernels::DeviceAdamW::new(&device, &params[own.clone()], &m, &v)?;
         let shard = Tensor::zeros(group.chunk(len), dtype, &device)?;
-        optimizer = Optimizer::Nccl { group, adam, shard };
+        optimizer = Optimizer::Nccl { group, adam, shard, packed, grads };
     } else if device.is_cuda() && a.world_size == 1 {
+        let packed = model.pack(len)?;
+        let grads = FlatGrads::new(&model, len, len)?;
         let adam = swarm_kernels::DeviceAdamW::new(&device, &params, &m, &v)?;
-        let flat = Tensor::zeros(len, dtype, &device)?;
-        optimizer = Optimizer::Device { adam, flat };
+        optimizer = Optimizer::Device { adam, packed, grads };
     }
     #[cfg(feature = "cuda")]
     let mut nccl_bytes = 0u64;
@@ -354,18 +351,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             device.synchronize()?;
         }
         let t_fwd = t0.elapsed().as_secs_f64();
-        let grads = (&loss * share)?.backward()?;
-        // Read after the backward is queued: reading it earlier would make the host wait for
-        // the forward before queuing the backward's kernels.
-        let loss_value = f64::from(loss.to_scalar::<f32>()?);
-        if profile {
-            device.synchronize()?;
-            eprintln!(
-                "{step}: forward {:.1} ms, backward {:.1} ms",
-                t_fwd * 1e3,
-                (t0.elapsed().as_secs_f64() - t_fwd) * 1e3
-            );
-        }
+        let scaled = (&loss * share)?;
         let lr = recipe.lr_at(step_no);
         let adam_cfg = |decays: bool| AdamW {
             lr,
@@ -374,8 +360,23 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             eps: t.eps,
             weight_decay: if decays { t.weight_decay } else { 0.0 },
         };
-        let (norm, compute_s, comm) = match &mut optimizer {
+        // Read after the backward is queued: reading it earlier would make the host wait for
+        // the forward before queuing the backward's kernels.
+        let read_loss = || -> anyhow::Result<f64> { Ok(f64::from(loss.to_scalar::<f32>()?)) };
+        let log_phases = |what: &str| {
+            eprintln!(
+                "{step}: forward {:.1} ms, backward {:.1} ms{what}",
+                t_fwd * 1e3,
+                (t0.elapsed().as_secs_f64() - t_fwd) * 1e3
+            )
+        };
+        let (loss_value, norm, compute_s, comm) = match &mut optimizer {
             Optimizer::Host => {
+                let grads = scaled.backward()?;
+                let loss_value = read_loss()?;
+                if profile {
+                    log_phases("");
+                }
                 let mut grad = flat_grads(&model, &grads)?;
                 drop(grads);
                 let compute_fwd_bwd = t0.elapsed().as_secs_f64();
@@ -412,69 +413,77 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 ring.all_gather(&mut params)?;
                 comm += t3.elapsed().as_secs_f64();
                 unflatten_into(&model, &params)?;
-                (norm, compute_fwd_bwd + optim, comm)
+                (loss_value, norm, compute_fwd_bwd + optim, comm)
             }
             #[cfg(feature = "cuda")]
-            Optimizer::Device { adam, flat } => {
-                let grad = flat_grads_on_device(&model, &grads)?;
-                drop(grads);
-                let norm = swarm_kernels::sum_squares(&grad)?.sqrt();
+            Optimizer::Device { adam, packed, grads } => {
+                grads.backward(&scaled, &mut |_| Ok(()))?;
+                let loss_value = read_loss()?;
+                if profile {
+                    device.synchronize()?;
+                    log_phases("");
+                }
+                let g = grads.flat.narrow(0, 0, len)?;
+                let norm = swarm_kernels::sum_squares(&g)?.sqrt();
                 check_norm(norm, step)?;
                 let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
                 adam_step += 1;
+                // The kernel writes the new bf16 parameters straight into the model's buffer.
+                let out = packed.narrow(0, 0, len)?;
                 for (r, decays) in &decay {
-                    adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &grad, Some(flat))?;
+                    adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &g, Some(&out))?;
                 }
-                set_from_flat(&model, flat)?;
                 device.synchronize()?;
                 if profile {
                     eprintln!("{step}: step total {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
                 }
-                (norm, t0.elapsed().as_secs_f64(), 0.0)
+                (loss_value, norm, t0.elapsed().as_secs_f64(), 0.0)
             }
             #[cfg(feature = "cuda")]
-            Optimizer::Nccl { group, adam, shard } => {
-                // Gradients summed in the compute dtype (bf16 on a GPU: half the bytes of f32
-                // and no cast; the master weights stay f32), padded to equal chunks.
-                let grad = flat_grads_on_device(&model, &grads)?;
-                drop(grads);
-                let padded = group.chunk(len) * group.world();
-                let grad = match padded - len {
-                    0 => grad,
-                    pad => Tensor::cat(&[&grad, &Tensor::zeros(pad, grad.dtype(), &device)?], 0)?,
-                };
+            Optimizer::Nccl { group, adam, shard, packed, grads } => {
+                // Each bucket of gradients is summed over the ranks (in the compute dtype: bf16
+                // on a GPU, half the bytes of f32) while the backward pass goes on.
+                grads.backward(&scaled, &mut |r| group.all_reduce(&grads.flat, r))?;
+                let loss_value = read_loss()?;
                 device.synchronize()?;
                 let compute_fwd_bwd = t0.elapsed().as_secs_f64();
+                if profile {
+                    log_phases("");
+                }
+                // What the backward pass did not hide: the last buckets' all-reduce.
                 let t1 = Instant::now();
-                let own_grad = group.reduce_scatter(&grad)?.narrow(0, 0, own.len())?;
-                drop(grad);
-                let sumsq = swarm_kernels::sum_squares(&own_grad)?;
-                let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();
+                group.synchronize()?;
+                group.join()?;
                 let mut comm = t1.elapsed().as_secs_f64();
+                // Every rank holds the summed gradients: the norm needs no exchange.
+                let g = grads.flat.narrow(0, 0, len)?;
+                let norm = swarm_kernels::sum_squares(&g)?.sqrt();
                 check_norm(norm, step)?;
                 let t2 = Instant::now();
                 let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
                 adam_step += 1;
+                let own_grad = g.narrow(0, own.start, own.len())?;
                 let out = shard.narrow(0, 0, own.len())?;
                 for (r, decays) in &decay {
                     adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &own_grad, Some(&out))?;
                 }
                 device.synchronize()?;
                 let optim = t2.elapsed().as_secs_f64();
+                // The updated shards go straight into the model's parameter buffer.
                 let t3 = Instant::now();
-                let flat = group.all_gather(shard)?;
-                set_from_flat(&model, &flat.narrow(0, 0, len)?)?;
-                device.synchronize()?;
+                group.all_gather_into(shard, packed)?;
+                group.synchronize()?;
+                group.join()?;
                 comm += t3.elapsed().as_secs_f64();
                 nccl_bytes = group.bytes_sent();
                 if profile {
                     eprintln!(
-                        "{step}: step total {:.1} ms, comm {:.1} ms",
+                        "{step}: step total {:.1} ms, comm not hidden {:.1} ms",
                         t0.elapsed().as_secs_f64() * 1e3,
                         comm * 1e3
                     );
                 }
-                (norm, compute_fwd_bwd + optim, comm)
+                (loss_value, norm, compute_fwd_bwd + optim, comm)
             }
         };
         cursor += t.global_batch as u64;

@@ -163,11 +163,34 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_impl(None)
+    }
+
+    /// The backward pass, handing each variable's gradient to `on_leaf` as soon as it is final
+    /// (Swarm's patch). The nodes are visited in reverse topological order, so when a variable
+    /// comes up every node that reads it has already added its part: the gradient is complete
+    /// and nothing will add to it again. `on_leaf(variable, gradient)` is called once per
+    /// variable, in that order, while the rest of the backward pass is still to be queued; a
+    /// caller can start moving the gradient (e.g. a collective on another stream) without
+    /// waiting for the whole pass. The gradients handed over are not kept in the returned store.
+    pub fn backward_with(&self, on_leaf: &mut dyn FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<GradStore> {
+        self.backward_impl(Some(on_leaf))
+    }
+
+    fn backward_impl(
+        &self,
+        mut on_leaf: Option<&mut dyn FnMut(&Tensor, &Tensor) -> Result<()>>,
+    ) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
+                if let Some(f) = on_leaf.as_mut() {
+                    if let Some(g) = grads.remove(node) {
+                        f(node, &g)?;
+                    }
+                }
                 continue;
             }
             let grad = grads
@@ -440,7 +463,16 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        // Swarm's patch: when rhs is a transposed view (the weight of
+                        // `x.matmul(&w.t())`), its gradient is computed as (grad^T lhs)^T: the
+                        // same products, but the transpose's backward then hands the weight a
+                        // contiguous gradient in the weight's own layout, where upstream hands a
+                        // strided view that a reader has to copy with a transposing kernel.
+                        let rhs_grad = if rhs.rank() >= 2 && !rhs.is_contiguous() && rhs.t()?.is_contiguous() {
+                            grad.t()?.matmul(lhs)?.t()?
+                        } else {
+                            lhs.t()?.matmul(&grad)?
+                        };
                         grads.accumulate(rhs, &rhs_grad)?;
                     }
                     Op::Cat(args, dim) => {
@@ -724,8 +756,12 @@ impl GradStore {
                 let sum = entry.get().add(grad)?;
                 entry.insert(sum);
             }
-            // A variable's gradient is not read again by the backward pass: keep the view.
-            Entry::Vacant(entry) if tensor.is_variable() => {
+            // A variable's gradient is not read again by the backward pass, and a transpose's or
+            // permutation's backward only re-permutes it: keep the view.
+            Entry::Vacant(entry)
+                if tensor.is_variable()
+                    || matches!(tensor.op(), Some(Op::Transpose(..)) | Some(Op::Permute(..))) =>
+            {
                 entry.insert(grad.clone());
             }
             Entry::Vacant(entry) => {

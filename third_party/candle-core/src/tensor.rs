@@ -2514,6 +2514,19 @@ impl Tensor {
         Ok(from_storage(storage, shape.clone(), op, false))
     }
 
+    /// A variable tensor over the same storage and layout as `self` (no copy; Swarm's patch).
+    pub(crate) fn shared_as_var(&self) -> Tensor {
+        Tensor(Arc::new(Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op: BackpropOp::none(),
+            is_variable: true,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }))
+    }
+
     /// Create a variable based on the values currently stored in a tensor. The storage is always
     /// copied.
     pub(crate) fn make_var(&self) -> Result<Tensor> {

@@ -44,6 +44,17 @@ impl Var {
         }
     }
 
+    /// A variable that shares `t`'s storage (Swarm's patch; `from_tensor` copies). Writing the
+    /// variable with `set` writes `t`'s storage, so many variables can be views of one flat
+    /// buffer that a collective fills in place. `t` must be contiguous.
+    pub fn from_view(t: &Tensor) -> Result<Self> {
+        if !t.is_contiguous() {
+            let msg = "a variable can only view a contiguous tensor";
+            Err(Error::CannotSetVar { msg }.bt())?
+        }
+        Ok(Self(t.shared_as_var()))
+    }
+
     pub fn rand_f64<S: Into<Shape>>(
         lo: f64,
         up: f64,

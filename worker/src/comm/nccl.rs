@@ -1,8 +1,8 @@
 //! NCCL for a data-parallel group whose ranks all train on CUDA devices.
 //!
-//! The TCP ring still connects the ranks (it carries the vote, the NCCL unique id and the few
-//! f64 sums of a step); gradients and parameters move through NCCL on the device's stream, in
-//! order with every other kernel of the step.
+//! The TCP ring still connects the ranks (it carries the vote and the NCCL unique id); gradients
+//! and parameters move through NCCL on a stream of its own, ordered against the compute stream
+//! with events, so a bucket's all-reduce runs while the backward pass computes the next one.
 //!
 //! The unique id is made by rank 0: `ncclGetUniqueId` opens NCCL's bootstrap listener in the
 //! calling process, so only a process of the group can make a usable id (the coordinator cannot
@@ -10,15 +10,20 @@
 
 use crate::comm::ring::Ring;
 use anyhow::{Context, anyhow, bail};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A NCCL communicator over the ranks of a data-parallel group, on candle's stream.
 pub struct NcclGroup {
     comm: Comm,
     device: CudaDevice,
+    /// The stream the collectives run on, ordered against the compute stream by events.
+    stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
     bytes_sent: u64,
@@ -77,9 +82,11 @@ impl NcclGroup {
         for (b, v) in bytes.iter_mut().zip(&got) {
             *b = *v as u8 as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(cuda.cuda_stream(), rank, world, Id::uninit(bytes))
+        let stream =
+            cuda.cuda_stream().context().new_stream().map_err(|e| anyhow!("creating a stream for NCCL: {e:?}"))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(bytes))
             .map_err(|e| anyhow!("ncclCommInitRank (rank {rank} of {world}): {:?}", e.0))?;
-        Ok(NcclGroup { comm, device: cuda.clone(), rank, world, bytes_sent: 0 })
+        Ok(NcclGroup { comm, device: cuda.clone(), stream, rank, world, bytes_sent: 0 })
     }
 
     pub fn world(&self) -> usize {
@@ -99,77 +106,124 @@ impl NcclGroup {
     }
 
     /// Bytes this rank has put on the wire, counted as NCCL's ring algorithm sends them:
-    /// (world - 1) chunks per reduce-scatter and per all-gather.
+    /// 2 (world - 1) chunks per all-reduce and (world - 1) per all-gather.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent
     }
 
-    /// Sums `flat` (f32 or bf16, `chunk * world` elements) over the ranks, in its dtype;
-    /// returns this rank's chunk.
-    pub fn reduce_scatter(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
-        let n = flat.elem_count();
-        if !n.is_multiple_of(self.world) {
-            bail!("reduce_scatter: expects a multiple of {} elements, got {n}", self.world);
+    /// Sums `flat[range]` over the ranks, in place, on the group's stream: it starts once the
+    /// work queued so far on the compute stream is done (the gradients copied in) and runs
+    /// alongside what is queued after it (the rest of the backward pass). Call
+    /// [`NcclGroup::join`] before the compute stream reads the result.
+    pub fn all_reduce(&mut self, flat: &Tensor, range: Range<usize>) -> anyhow::Result<()> {
+        if range.end > flat.elem_count() || !flat.is_contiguous() || flat.rank() != 1 {
+            bail!("all_reduce: {range:?} of a {:?} tensor (a contiguous vector is needed)", flat.dims());
         }
-        let chunk = n / self.world;
-        let flat = flat.contiguous()?;
-        let (s, l) = flat.storage_and_layout();
-        let Storage::Cuda(s) = &*s else { bail!("reduce_scatter: the tensor is not on CUDA") };
-        let o = l.start_offset();
-        let err = |e: cudarc::nccl::result::NcclError| {
-            anyhow!("ncclReduceScatter ({n} values over {} ranks): {:?}", self.world, e.0)
-        };
-        let t = match flat.dtype() {
-            DType::F32 => {
-                let send = s.as_cuda_slice::<f32>()?.slice(o..o + n);
-                let mut out = self.device.alloc_zeros::<f32>(chunk)?;
-                self.comm.reduce_scatter(&send, &mut out, &ReduceOp::Sum).map_err(err)?;
-                wrap(out, &self.device, chunk)
-            }
-            DType::BF16 => {
-                let send = s.as_cuda_slice::<half::bf16>()?.slice(o..o + n);
-                let mut out = self.device.alloc_zeros::<half::bf16>(chunk)?;
-                self.comm.reduce_scatter(&send, &mut out, &ReduceOp::Sum).map_err(err)?;
-                wrap(out, &self.device, chunk)
-            }
-            d => bail!("reduce_scatter: {d:?} is not supported (f32 or bf16)"),
-        };
-        self.bytes_sent += ((self.world - 1) * chunk * flat.dtype().size_in_bytes()) as u64;
-        Ok(t)
+        self.stream.join(self.device.cuda_stream().as_ref()).map_err(|e| anyhow!("ordering the streams: {e:?}"))?;
+        let n = range.len();
+        flat.inplace_op1(&AllReduce { comm: &self.comm, range })?;
+        self.bytes_sent += (2 * (self.world - 1) * n.div_ceil(self.world) * flat.dtype().size_in_bytes()) as u64;
+        Ok(())
     }
 
-    /// Concatenates every rank's `shard` (same length and dtype on all: f32 or bf16), in rank order.
-    pub fn all_gather(&mut self, shard: &Tensor) -> anyhow::Result<Tensor> {
-        let shard = shard.contiguous()?;
+    /// Writes every rank's `shard` (same length and dtype on all) into `flat`, in rank order, on
+    /// the group's stream after the compute stream's queued work (`flat` holds `world` shards).
+    pub fn all_gather_into(&mut self, shard: &Tensor, flat: &Tensor) -> anyhow::Result<()> {
         let c = shard.elem_count();
-        let (s, l) = shard.storage_and_layout();
-        let Storage::Cuda(s) = &*s else { bail!("all_gather: the tensor is not on CUDA") };
-        let o = l.start_offset();
-        let t = match shard.dtype() {
-            DType::F32 => {
-                let send = s.as_cuda_slice::<f32>()?.slice(o..o + c);
-                let mut out = self.device.alloc_zeros::<f32>(c * self.world)?;
-                self.comm.all_gather(&send, &mut out).map_err(|e| anyhow!("ncclAllGather: {:?}", e.0))?;
-                wrap(out, &self.device, c * self.world)
-            }
-            DType::BF16 => {
-                let send = s.as_cuda_slice::<half::bf16>()?.slice(o..o + c);
-                let mut out = self.device.alloc_zeros::<half::bf16>(c * self.world)?;
-                self.comm.all_gather(&send, &mut out).map_err(|e| anyhow!("ncclAllGather: {:?}", e.0))?;
-                wrap(out, &self.device, c * self.world)
-            }
-            d => bail!("all_gather: {d:?} is not supported (f32 or bf16)"),
-        };
+        if flat.elem_count() != c * self.world || !flat.is_contiguous() || !shard.is_contiguous() {
+            bail!("all_gather_into: {} ranks of {c} do not fill a {:?} buffer", self.world, flat.dims());
+        }
+        if shard.dtype() != flat.dtype() {
+            bail!("all_gather_into: shard is {:?}, buffer {:?}", shard.dtype(), flat.dtype());
+        }
+        self.stream.join(self.device.cuda_stream().as_ref()).map_err(|e| anyhow!("ordering the streams: {e:?}"))?;
+        flat.inplace_op1(&AllGather { comm: &self.comm, shard })?;
         self.bytes_sent += ((self.world - 1) * c * shard.dtype().size_in_bytes()) as u64;
-        Ok(t)
+        Ok(())
+    }
+
+    /// Makes the compute stream wait for everything queued on the group's stream (no host wait).
+    pub fn join(&self) -> anyhow::Result<()> {
+        self.device.cuda_stream().join(&self.stream).map_err(|e| anyhow!("ordering the streams: {e:?}"))
+    }
+
+    /// Blocks the host until the group's queued collectives are done (for timing).
+    pub fn synchronize(&self) -> anyhow::Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("waiting for NCCL: {e:?}"))
     }
 }
 
-fn wrap<T: candle_core::cuda_backend::CudaDType>(
-    s: cudarc::driver::CudaSlice<T>,
-    dev: &CudaDevice,
-    n: usize,
-) -> Tensor {
-    let st = CudaStorage::wrap_cuda_slice(s, dev.clone());
-    Tensor::from_storage(Storage::Cuda(st), n, candle_core::op::BackpropOp::none(), false)
+/// `ncclAllReduce` (sum) in place over a range of a tensor's storage.
+struct AllReduce<'a> {
+    comm: &'a Comm,
+    range: Range<usize>,
+}
+
+impl candle_core::InplaceOp1 for AllReduce<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL all-reduce needs a CUDA tensor")
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let r = l.start_offset() + self.range.start..l.start_offset() + self.range.end;
+        let err = |e: cudarc::nccl::result::NcclError| candle_core::Error::Msg(format!("ncclAllReduce: {:?}", e.0));
+        match s.dtype() {
+            DType::F32 => self
+                .comm
+                .all_reduce_in_place(&mut s.as_cuda_slice_mut::<f32>()?.slice_mut(r), &ReduceOp::Sum)
+                .map_err(err)?,
+            DType::BF16 => self
+                .comm
+                .all_reduce_in_place(&mut s.as_cuda_slice_mut::<half::bf16>()?.slice_mut(r), &ReduceOp::Sum)
+                .map_err(err)?,
+            d => candle_core::bail!("NCCL all-reduce: {d:?} is not supported (f32 or bf16)"),
+        };
+        Ok(())
+    }
+}
+
+/// `ncclAllGather` of a shard into a tensor's storage.
+struct AllGather<'a> {
+    comm: &'a Comm,
+    shard: &'a Tensor,
+}
+
+impl candle_core::InplaceOp1 for AllGather<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-gather"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL all-gather needs a CUDA tensor")
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let (src, sl) = self.shard.storage_and_layout();
+        let Storage::Cuda(src) = &*src else { candle_core::bail!("NCCL all-gather: the shard is not on CUDA") };
+        let (c, so) = (self.shard.elem_count(), sl.start_offset());
+        let r = l.start_offset()..l.start_offset() + l.shape().elem_count();
+        let err = |e: cudarc::nccl::result::NcclError| candle_core::Error::Msg(format!("ncclAllGather: {:?}", e.0));
+        match s.dtype() {
+            DType::F32 => self
+                .comm
+                .all_gather(
+                    &src.as_cuda_slice::<f32>()?.slice(so..so + c),
+                    &mut s.as_cuda_slice_mut::<f32>()?.slice_mut(r),
+                )
+                .map_err(err)?,
+            DType::BF16 => self
+                .comm
+                .all_gather(
+                    &src.as_cuda_slice::<half::bf16>()?.slice(so..so + c),
+                    &mut s.as_cuda_slice_mut::<half::bf16>()?.slice_mut(r),
+                )
+                .map_err(err)?,
+            d => candle_core::bail!("NCCL all-gather: {d:?} is not supported (f32 or bf16)"),
+        };
+        Ok(())
+    }
 }
