@@ -88,7 +88,11 @@ pub fn select(spec: &str) -> anyhow::Result<Device> {
             if ordinal >= n {
                 anyhow::bail!("--device cuda:{ordinal}: this machine has {n} CUDA device(s)");
             }
-            Ok(Device::new_cuda(ordinal)?)
+            let device = Device::new_cuda(ordinal)?;
+            if let Device::Cuda(d) = &device {
+                crate::gpu::keep_freed_memory(d)?;
+            }
+            Ok(device)
         }
         #[cfg(not(feature = "cuda"))]
         {

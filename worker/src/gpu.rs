@@ -14,6 +14,34 @@ pub fn device_count() -> anyhow::Result<usize> {
 }
 
 /// bf16 matmul throughput of `device` in TFLOP/s (n³ products, timed after a warm-up).
+/// Makes the device's stream-ordered memory pool (what candle allocates from, through
+/// `cuMemAllocAsync`) keep freed memory for reuse. Its default release threshold is 0: at every
+/// synchronisation (a training step has several) the pool hands all free memory back to the
+/// driver, and the next step's allocations map it again. PyTorch's caching allocator keeps it;
+/// so do we. Devices without memory pools are left as they are.
+pub fn keep_freed_memory(device: &candle_core::cuda_backend::CudaDevice) -> anyhow::Result<()> {
+    use cudarc::driver::{result, sys};
+    let ctx = device.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the device comes from a live context; the release threshold attribute is a u64.
+    #[allow(unsafe_code)]
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(|e| anyhow!("cuDeviceGetDefaultMemPool: {e:?}"))?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(|e| anyhow!("cuMemPoolSetAttribute(release threshold): {e:?}"))?;
+    }
+    Ok(())
+}
+
 pub fn measure_bf16_tflops(device: &Device, n: usize, iters: usize) -> anyhow::Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
