@@ -5,7 +5,6 @@
 
 use crate::job::{CheckpointAgg, Job, JobState, Progress, RankResult, StepAgg};
 use std::collections::BTreeMap;
-use swarm_sharding::plan::split_batch;
 use swarm_sharding::{
     Assignment, DeviceInfo, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step, WorkerId,
 };
@@ -353,7 +352,7 @@ impl Coordinator {
                 swarm_proto_limits::MAX_WORLD_SIZE
             )));
         }
-        split_batch(nodes, recipe.train.global_batch).map_err(|e| Rejection::Invalid(e.to_string()))?;
+        recipe.batch_shares(nodes).map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
         let start_step = resume.as_ref().map_or(Step(0), |p| p.step);
         if start_step.0 >= recipe.train.steps {
             return Err(Rejection::Invalid(format!(
@@ -400,10 +399,10 @@ impl Coordinator {
                 continue;
             }
             let chosen = idle[..job.nodes].to_vec();
-            let shares = match split_batch(job.nodes, job.recipe.train.global_batch) {
+            let shares = match job.recipe.batch_shares(job.nodes) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.fail_job(id, e.to_string(), cmds);
+                    self.fail_job(id, e, cmds);
                     continue;
                 }
             };

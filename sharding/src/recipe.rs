@@ -210,11 +210,17 @@ pub struct ParallelSection {
     /// 1: optimizer state sharded across data-parallel ranks.
     #[serde(default = "default_zero")]
     pub zero_stage: u8,
+    /// Sequences of every global batch that each worker takes, in rank order (e.g. `[6, 2]`
+    /// for a fast and a slow machine). Gradients are weighted by tokens, so the maths is the
+    /// same as an even split. Default: as even as possible. Its length fixes the job's
+    /// `--nodes`, and it must add up to `train.global_batch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_per_worker: Option<Vec<usize>>,
 }
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { zero_stage: default_zero() }
+        ParallelSection { zero_stage: default_zero(), rows_per_worker: None }
     }
 }
 
@@ -226,6 +232,31 @@ fn default_zero() -> u8 {
 pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1];
 
 impl Recipe {
+    /// Each of `nodes` data-parallel ranks' rows of every global batch: `parallel.rows_per_worker`
+    /// when set (its length must be `nodes`), else an even split.
+    pub fn batch_shares(&self, nodes: usize) -> Result<Vec<crate::plan::BatchShare>, String> {
+        let Some(rows) = &self.parallel.rows_per_worker else {
+            return crate::plan::split_batch(nodes, self.train.global_batch).map_err(|e| e.to_string());
+        };
+        if rows.len() != nodes {
+            return Err(format!(
+                "parallel.rows_per_worker = {rows:?} names {} workers, but the job has {nodes}; use --nodes {} or change the list",
+                rows.len(),
+                rows.len()
+            ));
+        }
+        let mut offset = 0;
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(r, &count)| {
+                let share = crate::plan::BatchShare { rank: crate::Rank(r as u32), offset, count };
+                offset += count;
+                share
+            })
+            .collect())
+    }
+
     /// Parses YAML, rejecting unknown fields, then validates.
     pub fn from_yaml(text: &str) -> Result<Recipe, String> {
         let r: Recipe = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
@@ -321,6 +352,26 @@ impl Recipe {
                 "is not supported by this build",
                 "use parallel.zero_stage: 1",
             ));
+        }
+        if let Some(rows) = &self.parallel.rows_per_worker {
+            let shown = format!("{rows:?}");
+            if rows.is_empty() || rows.contains(&0) {
+                return Err(err(
+                    "parallel.rows_per_worker",
+                    shown,
+                    "needs one entry per worker, each at least 1",
+                    "e.g. parallel.rows_per_worker: [6, 2], or leave it out for an even split",
+                ));
+            }
+            let sum: usize = rows.iter().sum();
+            if sum != t.global_batch {
+                return Err(err(
+                    "parallel.rows_per_worker",
+                    shown,
+                    &format!("adds up to {sum}, but train.global_batch is {}", t.global_batch),
+                    "make the entries add up to train.global_batch",
+                ));
+            }
         }
         self.finetune.validate()?;
         if let Some(spec) = &self.model.spec
@@ -477,6 +528,22 @@ checkpoint: { dir: c, every: 5 }
         let r = Recipe::from_yaml(GOOD).unwrap();
         assert_eq!(r.parallel.zero_stage, 1);
         assert_eq!(r.train.seed, 1234);
+    }
+
+    #[test]
+    fn rows_per_worker_split_the_batch_as_given_or_are_refused_with_the_fix() {
+        let r = Recipe::from_yaml(&format!("{GOOD}parallel: {{ rows_per_worker: [3, 1] }}\n")).unwrap();
+        let s = r.batch_shares(2).unwrap();
+        assert_eq!(s.iter().map(|b| (b.offset, b.count)).collect::<Vec<_>>(), vec![(0, 3), (3, 1)]);
+        let e = r.batch_shares(3).unwrap_err();
+        assert!(e.contains("names 2 workers") && e.contains("--nodes 2"), "{e}");
+        // Without the field: the even split.
+        let even = Recipe::from_yaml(GOOD).unwrap().batch_shares(3).unwrap();
+        assert_eq!(even.iter().map(|b| b.count).collect::<Vec<_>>(), vec![2, 1, 1]);
+        for (rows, want) in [("[3, 2]", "adds up to 5"), ("[4, 0]", "each at least 1"), ("[]", "each at least 1")] {
+            let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ rows_per_worker: {rows} }}\n")).unwrap_err();
+            assert!(e.starts_with("parallel.rows_per_worker") && e.contains(want) && e.contains(';'), "{rows}: {e}");
+        }
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 use swarm_proto::v1 as pb;
 use swarm_sharding::Recipe;
-use swarm_sharding::plan::split_batch;
 use swarm_worker::daemon::connect;
 
 #[derive(Args)]
@@ -149,8 +148,7 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     if a.nodes == 0 {
         bail!("--nodes must be at least 1, got 0");
     }
-    split_batch(a.nodes, recipe.train.global_batch)
-        .map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
+    recipe.batch_shares(a.nodes).map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
     let show = !a.json;
     guard_existing_checkpoints(&recipe, &a)?;
     super::recipe::ensure_dataset(&recipe, &a.recipe, show)?;
