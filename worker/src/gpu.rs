@@ -13,7 +13,6 @@ pub fn device_count() -> anyhow::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// bf16 matmul throughput of `device` in TFLOP/s (n³ products, timed after a warm-up).
 /// Makes the device's stream-ordered memory pool (what candle allocates from, through
 /// `cuMemAllocAsync`) keep freed memory for reuse. Its default release threshold is 0: at every
 /// synchronisation (a training step has several) the pool hands all free memory back to the
@@ -42,6 +41,29 @@ pub fn keep_freed_memory(device: &candle_core::cuda_backend::CudaDevice) -> anyh
     Ok(())
 }
 
+/// Hands the memory the device's pool keeps back to the driver when dropped (a training run's
+/// end, error paths included), so a long-lived worker does not hold a finished job's peak.
+pub struct TrimPoolOnDrop(pub Device);
+
+impl Drop for TrimPoolOnDrop {
+    fn drop(&mut self) {
+        if let Device::Cuda(d) = &self.0 {
+            let ctx = d.cuda_stream().context().clone();
+            if !ctx.has_async_alloc() || d.cuda_stream().synchronize().is_err() || ctx.bind_to_thread().is_err() {
+                return;
+            }
+            // SAFETY: the device comes from a live context; trimming only releases unused memory.
+            #[allow(unsafe_code)]
+            unsafe {
+                if let Ok(pool) = cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) {
+                    let _ = cudarc::driver::result::mem_pool::trim_to(pool, 0);
+                }
+            }
+        }
+    }
+}
+
+/// bf16 matmul throughput of `device` in TFLOP/s (n³ products, timed after a warm-up).
 pub fn measure_bf16_tflops(device: &Device, n: usize, iters: usize) -> anyhow::Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;

@@ -25,8 +25,8 @@ use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::job::step_dir_name;
 use swarm_sharding::{Assignment, Manifest, Precision, ShardFile, Step, WorkerId};
 
-/// Gradient values per all-reduce bucket on CUDA: 32 Mi values (64 MiB of bf16), about one
-/// transformer layer of a 1B model. Big enough for NCCL to reach its bandwidth, small enough
+/// Gradient values per all-reduce bucket on CUDA: 32 Mi values (64 MiB of bf16), about half a
+/// transformer layer of Llama-3.2-1B (61M values). Big enough for NCCL to reach its bandwidth, small enough
 /// that the last bucket (the one the backward pass ends with) leaves little to wait for.
 #[cfg(feature = "cuda")]
 const GRAD_BUCKET_ELEMS: usize = 32 << 20;
@@ -202,11 +202,17 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
     let t = &recipe.train;
     let device: Device = crate::device::select(&ctx.device)?;
+    // Declared first, dropped last: after every tensor of the run is freed.
+    #[cfg(feature = "cuda")]
+    let _trim = crate::gpu::TrimPoolOnDrop(device.clone());
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
-        // Every tensor and kernel of this worker lives on candle's one stream (DeviceAdamW
-        // launches on it too), so cudarc's per-launch cross-stream events are pure overhead.
-        // SAFETY: no second stream touches these tensors (the precondition in candle's docs).
+        // The kernels of this worker run on candle's stream (DeviceAdamW launches on it too),
+        // so cudarc's per-launch cross-stream events are pure overhead. The one other stream is
+        // NCCL's (`comm::nccl`): it touches only the flat gradient, packed parameter and shard
+        // buffers, and every use is ordered by explicit events (`join` before each collective,
+        // `join` back before the compute stream reads the result).
+        // SAFETY: candle's precondition (no unordered use from a second stream) holds as above.
         #[allow(unsafe_code)]
         unsafe {
             d.disable_event_tracking()
@@ -502,12 +508,20 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
             #[cfg(feature = "cuda")]
-            match &optimizer {
+            match &mut optimizer {
                 Optimizer::Device { adam, .. } => (params, m, v) = adam.to_host()?,
-                // The checkpoint writes this rank's range of `params` and its moments.
-                Optimizer::Nccl { adam, .. } => {
+                // Rank 0 writes the whole model from `params`: gather every rank's f32 master
+                // shard into it (each rank holds only its own up to date).
+                Optimizer::Nccl { adam, group, .. } => {
                     let (p, mm, vv) = adam.to_host()?;
-                    params[own.clone()].copy_from_slice(&p);
+                    let c = group.chunk(len);
+                    let mut mine = p;
+                    mine.resize(c, 0.0);
+                    let shard = Tensor::from_vec(mine, c, &device)?;
+                    let full = Tensor::zeros(c * group.world(), DType::F32, &device)?;
+                    group.all_gather_into(&shard, &full)?;
+                    group.join()?;
+                    params.copy_from_slice(&full.narrow(0, 0, len)?.to_vec1::<f32>()?);
                     (m, v) = (mm, vv);
                 }
                 Optimizer::Host => {}
