@@ -212,7 +212,7 @@ pub struct ParallelSection {
     pub zero_stage: u8,
     /// Sequences of every global batch that each worker takes, in rank order (e.g. `[6, 2]`
     /// for a fast and a slow machine). Gradients are weighted by tokens, so the maths is the
-    /// same as an even split. Default: as even as possible. Its length fixes the job's
+    /// same as an even split. Default: as even as possible. Its length must equal the job's
     /// `--nodes`, and it must add up to `train.global_batch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_per_worker: Option<Vec<usize>>,

@@ -775,7 +775,15 @@ impl GradStore {
     /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
-            Entry::Occupied(entry) => entry.into_mut(),
+            // Swarm's patch: `accumulate` may have stored a view (offset or strided); the ops
+            // that update this entry next (sub, index-add, scatter) want a plain buffer.
+            Entry::Occupied(entry) => {
+                let g = entry.into_mut();
+                if !g.is_contiguous() || g.layout().start_offset() != 0 {
+                    *g = g.affine(1.0, 0.0)?;
+                }
+                g
+            }
             Entry::Vacant(entry) => {
                 let grad = tensor.zeros_like()?;
                 entry.insert(grad)

@@ -18,7 +18,7 @@ use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::ops::Range;
 use std::sync::Arc;
 
-/// A NCCL communicator over the ranks of a data-parallel group, on candle's stream.
+/// A NCCL communicator over the ranks of a data-parallel group, on a stream of its own.
 pub struct NcclGroup {
     comm: Comm,
     device: CudaDevice,
