@@ -61,6 +61,11 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         }
         recipe.train.global_batch = b;
     }
+    // Every node count must be able to split the batch before any cluster starts.
+    recipe.validate().map_err(|e| anyhow::anyhow!("recipe {} with the bench's flags: {e}", a.recipe.display()))?;
+    for &n in &a.nodes {
+        recipe.batch_shares(n).map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
+    }
     recipe.train.steps = a.steps;
     recipe.train.warmup_steps = recipe.train.warmup_steps.min(a.steps);
     recipe.checkpoint.every = a.steps;
