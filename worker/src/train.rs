@@ -4,8 +4,10 @@
 //! global batch (the loss scaled by its share of the batch's tokens, so summed gradients are the
 //! global mean), reduce-scatters the flat gradient, clips by the global norm, applies AdamW to
 //! the chunk it owns (f32 moments for that chunk only), and all-gathers the updated parameters.
-//! The collectives go through NCCL when every rank is on its own CUDA device, else through the
-//! TCP ring; a CUDA rank training alone keeps the whole optimizer on its device.
+//! Over the TCP ring that is a reduce-scatter. When every rank is on its own CUDA device, NCCL
+//! instead all-reduces the gradient in buckets while the backward pass runs (`flat_grads`), so
+//! each rank has the whole sum and updates its chunk from it. A CUDA rank training alone keeps
+//! the whole optimizer on its device.
 
 use crate::checkpoint::{self, RankShard};
 use crate::comm::dataplane::DataPlane;
