@@ -414,6 +414,59 @@ pub(crate) fn ce_bwd(
     })
 }
 
+/// The contiguous elements of a mutable `(s, l)`.
+fn range_of(op: &'static str, l: &Layout) -> Result<std::ops::Range<usize>> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| KernelError::Layout {
+        op,
+        what: "dst",
+        detail: format!("strides {:?} are not contiguous", l.stride()),
+    })?;
+    Ok(a..b)
+}
+
+/// `acc += x` in place; both contiguous, same dtype and element count.
+pub(crate) fn add_into(acc: (&mut CudaStorage, &Layout), x: (&CudaStorage, &Layout)) -> Result<()> {
+    const OP: &str = "add_into";
+    let dev = acc.0.device.clone();
+    let r = range_of(OP, acc.1)?;
+    let n = r.len();
+    dispatch!(OP, acc.0, |T| {
+        let xv = view::<T>(OP, "x", x)?;
+        if xv.len() != n {
+            candle_core::bail!("{OP}: x has {} elements, acc {n}", xv.len());
+        }
+        let mut a = acc.0.as_cuda_slice_mut::<T>()?.slice_mut(r);
+        let f = func(&dev, &format!("add_into_{}", T::SUFFIX))?;
+        let nl = n as i64;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut a).arg(&xv).arg(&nl);
+        // SAFETY: (acc, x, n) as add_into_*; both views hold n elements (checked above).
+        unsafe { b.launch(grid_1d(n, 256)) }.w()?;
+        Ok(())
+    })
+}
+
+/// `t *= g[0]` in place; `g` one f32.
+pub(crate) fn scale_by(t: (&mut CudaStorage, &Layout), g: (&CudaStorage, &Layout)) -> Result<()> {
+    const OP: &str = "scale_by";
+    let dev = t.0.device.clone();
+    let r = range_of(OP, t.1)?;
+    let n = r.len();
+    let gv = view::<f32>(OP, "g", g)?;
+    dispatch!(OP, t.0, |T| {
+        let mut tv = t.0.as_cuda_slice_mut::<T>()?.slice_mut(r);
+        let f = func(&dev, &format!("scale_by_{}", T::SUFFIX))?;
+        let nl = n as i64;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut tv).arg(&gv).arg(&nl);
+        // SAFETY: (t, g, n) as scale_by_*; t holds n elements, g at least one.
+        unsafe { b.launch(grid_1d(n, 256)) }.w()?;
+        Ok(())
+    })
+}
+
 /// Flash attention (`cuda/flash_attn.cu`): the forward as a custom op, the backward as three
 /// launches. Launch shapes follow the table at the top of that file.
 pub(crate) mod flash {

@@ -4,14 +4,22 @@
 //! For each chunk of rows: `logits = x_c · wᵀ`, the fused cross-entropy (the chunk's loss) and,
 //! when `x` or `w` needs a gradient, right away `dlogits = (softmax − onehot) / n` in place of the
 //! logits (the fused backward kernel), `dx_c = dlogits · w` and `dw += dlogitsᵀ · x_c`. The
-//! backward then only scales `dx` and `dw` by the incoming gradient: no second pass over the
-//! vocabulary. Peak extra memory is two chunks of logits plus `dx` and `dw`, against `n × vocab`
-//! logits and their gradient for the unfused path.
+//! backward then only scales `dx` and `dw` by the incoming gradient, in place and on the device
+//! (no host sync): no second pass over the vocabulary.
+//!
+//! `dw` is one buffer, updated in place. Each chunk's contribution is computed in vocabulary
+//! blocks of at most [`CHUNK_BYTES`]` / 2` (a copy of that block of `dlogits`, then a matmul) and
+//! added into `dw`'s rows, so no second `[vocab, h]` tensor ever exists. Peak extra memory is
+//! `dw` plus two chunks of logits plus a block, against `n × vocab` logits and their gradient for
+//! the unfused path.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use std::sync::Mutex;
+
 use crate::cross_entropy::{CrossEntropyBwd, cross_entropy};
 use crate::error::KernelError;
+use crate::inplace::{add_into, scale_by};
 
 const OP: &str = "linear_cross_entropy";
 
@@ -30,6 +38,20 @@ pub fn chunk_rows(vocab: usize, dtype: DType) -> usize {
 /// Differentiable with respect to `x` and `w`. Equal to
 /// `cross_entropy(&x.matmul(&w.t()?)?, targets)` up to floating-point summation order.
 pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+    let block = (CHUNK_BYTES / 2 / (w.dim(1)?.max(1) * w.dtype().size_in_bytes())).max(1);
+    linear_cross_entropy_blocks(x, w, targets, chunk, block)
+}
+
+/// [`linear_cross_entropy`] with the weight gradient built `vocab_block` rows of `w` at a time
+/// (the default keeps one block's product within [`CHUNK_BYTES`]` / 2`). Results do not depend
+/// on the block beyond floating-point rounding; tests use small blocks to reach that path.
+pub fn linear_cross_entropy_blocks(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    vocab_block: usize,
+) -> Result<Tensor> {
     let (n, h) = x.dims2().map_err(|_| shape("x", x, "[n, h]".to_string()))?;
     let (v, hw) = w.dims2().map_err(|_| shape("w", w, format!("[vocab, {h}]")))?;
     if hw != h || v == 0 {
@@ -38,8 +60,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usi
     if targets.dims() != [n] {
         return Err(shape("targets", targets, format!("[{n}] (one per row of x)")).into());
     }
-    if chunk == 0 {
-        return Err(shape("chunk", targets, "a chunk of at least one row".to_string()).into());
+    if chunk == 0 || vocab_block == 0 {
+        return Err(shape("chunk", targets, "a chunk and a vocabulary block of at least one row".to_string()).into());
     }
     let (xd, wd) = (x.detach(), w.detach());
     let targets = targets.contiguous()?;
@@ -48,7 +70,9 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usi
     let one = Tensor::ones((), DType::F32, x.device())?;
     let mut total: Option<Tensor> = None;
     let mut dx = Vec::new();
-    let mut dw: Option<Tensor> = None;
+    // dw is filled vocabulary block by vocabulary block, so one block's product stays small.
+    let block = vocab_block;
+    let dw = if want_w { Some(Tensor::zeros((v, h), w.dtype(), w.device())?) } else { None };
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let xc = xd.narrow(0, start, len)?;
@@ -69,17 +93,21 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usi
         if want_x {
             dx.push(dlogits.matmul(&wd)?);
         }
-        if want_w {
-            let part = dlogits.t()?.matmul(&xc)?;
-            dw = Some(match dw {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
+        if let Some(dw) = &dw {
+            if block >= v {
+                add_into(dw, &dlogits.t()?.matmul(&xc)?)?;
+            } else {
+                for v0 in (0..v).step_by(block) {
+                    let vb = block.min(v - v0);
+                    let d = dlogits.narrow(1, v0, vb)?.contiguous()?;
+                    add_into(&dw.narrow(0, v0, vb)?, &d.t()?.matmul(&xc)?)?;
+                }
+            }
         }
     }
     let loss = (total.expect("n > 0 rows") / n as f64)?.to_dtype(DType::F32)?;
     let dx = if want_x { Some(Tensor::cat(&dx, 0)?) } else { None };
-    x.apply_op2(w, LinearCrossEntropy { loss, dx, dw })
+    x.apply_op2(w, LinearCrossEntropy { loss, grads: Mutex::new(Some((dx, dw))) })
 }
 
 fn shape(what: &'static str, t: &Tensor, expected: String) -> KernelError {
@@ -90,8 +118,9 @@ fn shape(what: &'static str, t: &Tensor, expected: String) -> KernelError {
 /// backward the gradients computed there, times the incoming gradient.
 struct LinearCrossEntropy {
     loss: Tensor,
-    dx: Option<Tensor>,
-    dw: Option<Tensor>,
+    /// `dx` and `dw` for an incoming gradient of 1; the backward scales them in place and hands
+    /// them over, so it can run once per graph.
+    grads: Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -124,15 +153,20 @@ impl CustomOp2 for LinearCrossEntropy {
     }
 
     fn bwd(&self, _x: &Tensor, _w: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // g is one number (the loss's weight in the total, often exactly 1). Scaling in f32
-        // keeps a weight like 1/3 exact to f32 precision (in bf16 it would be off by 0.1%).
-        let g = f64::from(g.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        let scale = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
-            match t {
-                Some(t) if g != 1.0 => Ok(Some((t.to_dtype(DType::F32)? * g)?.to_dtype(t.dtype())?)),
-                t => Ok(t.clone()),
-            }
+        // g is one number (the loss's weight in the total, often exactly 1). It is read on the
+        // device: scaling in f32 keeps a weight like 1/3 exact to f32 precision (in bf16 it
+        // would be off by 0.1%), and reading it here would stall the backward pass on a sync.
+        let taken =
+            self.grads.lock().map_err(|_| candle_core::Error::Msg(format!("{OP}: a backward pass panicked")))?.take();
+        let Some((dx, dw)) = taken else {
+            candle_core::bail!(
+                "{OP}: backward ran twice on one graph; its gradients are computed in the forward pass and \
+                 handed over once (run the forward again before a second backward)"
+            )
         };
-        Ok((scale(&self.dx)?, scale(&self.dw)?))
+        for t in dx.iter().chain(dw.iter()) {
+            scale_by(t, g)?;
+        }
+        Ok((dx, dw))
     }
 }

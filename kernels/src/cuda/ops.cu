@@ -247,6 +247,22 @@ __device__ void swiglu_bwd(const T* gate, const T* up, const T* g, T* out, long 
   out[i] = st<T>(gv * u * s * (1.f + a * (1.f - s)));
 }
 
+// grid (ceil(n / 256)), block (256). acc += x, in place.
+template <typename T>
+__device__ void add_into(T* acc, const T* x, long long n) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  acc[i] = st<T>(ld(acc[i]) + ld(x[i]));
+}
+
+// grid (ceil(n / 256)), block (256). t *= g[0], in place (g read on the device: no host sync).
+template <typename T>
+__device__ void scale_by(T* t, const float* g, long long n) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  t[i] = st<T>(ld(t[i]) * g[0]);
+}
+
 // ---------------------------------------------------------------- softmax (last dim)
 // grid (rows), block (threads). Rows that are all -inf give zeros.
 template <typename T>
@@ -401,6 +417,8 @@ __device__ void adamw(float* p, float* m, float* v, const G* g, T* out, long lon
                                       float sign) {                                                          \
     rope<T>(x, c, s, y, rows, seq, d, sign);                                                                 \
   }                                                                                                          \
+  extern "C" __global__ void add_into_##S(T* acc, const T* x, long long n) { add_into<T>(acc, x, n); }      \
+  extern "C" __global__ void scale_by_##S(T* t, const float* g, long long n) { scale_by<T>(t, g, n); }       \
   extern "C" __global__ void swiglu_fwd_##S(const T* a, const T* u, T* y, long long n) {                     \
     swiglu_fwd<T>(a, u, y, n);                                                                               \
   }                                                                                                          \

@@ -1,0 +1,147 @@
+//! Two in-place elementwise updates that let the chunked LM-head cross-entropy keep one
+//! weight-gradient buffer: `acc += x` and `t *= g` (`g` a one-element tensor read on the device,
+//! so scaling by a loss weight needs no host sync). Math in f32, one rounding per element.
+
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+
+use crate::cpu::{Elem, ld, st};
+use crate::error::{KernelError, expect_float, expect_same_dtype};
+
+const ADD: &str = "add_into";
+const SCALE: &str = "scale_by";
+
+/// `acc += x`, in place. Same shape and dtype (f32, bf16 or f16); `acc` must be contiguous
+/// (it may be a narrowed view of a larger buffer), `x` is made contiguous.
+pub fn add_into(acc: &Tensor, x: &Tensor) -> Result<()> {
+    expect_float(ADD, "acc", acc)?;
+    expect_same_dtype(ADD, "x", x, "acc", acc)?;
+    if acc.dims() != x.dims() {
+        return Err(KernelError::Shape {
+            op: ADD,
+            what: "x",
+            got: x.dims().to_vec(),
+            expected: format!("{:?} (the shape of acc)", acc.dims()),
+        }
+        .into());
+    }
+    if !acc.is_contiguous() {
+        return Err(KernelError::Layout {
+            op: ADD,
+            what: "acc",
+            detail: format!("strides {:?} are not contiguous", acc.stride()),
+        }
+        .into());
+    }
+    acc.inplace_op2(&x.contiguous()?, &AddInto)
+}
+
+/// `t *= g`, in place, with `g` a one-element tensor of any float dtype (converted to f32 on its
+/// device). `t` must be contiguous.
+pub fn scale_by(t: &Tensor, g: &Tensor) -> Result<()> {
+    expect_float(SCALE, "t", t)?;
+    if g.elem_count() != 1 {
+        return Err(KernelError::Shape {
+            op: SCALE,
+            what: "g",
+            got: g.dims().to_vec(),
+            expected: "one element".to_string(),
+        }
+        .into());
+    }
+    if !t.is_contiguous() {
+        return Err(KernelError::Layout {
+            op: SCALE,
+            what: "t",
+            detail: format!("strides {:?} are not contiguous", t.stride()),
+        }
+        .into());
+    }
+    t.inplace_op2(&g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?, &ScaleBy)
+}
+
+/// The contiguous elements of a mutable CPU storage under `l`.
+fn range(op: &'static str, l: &Layout) -> Result<std::ops::Range<usize>> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| KernelError::Layout {
+        op,
+        what: "dst",
+        detail: format!("strides {:?} are not contiguous", l.stride()),
+    })?;
+    Ok(a..b)
+}
+
+fn add_slices<T: Elem>(acc: &mut [T], x: &[T]) {
+    crate::cpu::for_elem_chunks(acc, |r, out| {
+        for (o, &v) in out.iter_mut().zip(&x[r]) {
+            *o = st(ld(*o) + ld(v));
+        }
+    });
+}
+
+fn scale_slice<T: Elem>(t: &mut [T], g: f32) {
+    crate::cpu::for_elem_chunks(t, |_, out| {
+        for o in out.iter_mut() {
+            *o = st(ld(*o) * g);
+        }
+    });
+}
+
+struct AddInto;
+
+impl InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        ADD
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (r1, r2) = (range(ADD, l1)?, range(ADD, l2)?);
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(x)) => add_slices(&mut a[r1], &x[r2]),
+            (CpuStorage::BF16(a), CpuStorage::BF16(x)) => add_slices(&mut a[r1], &x[r2]),
+            (CpuStorage::F16(a), CpuStorage::F16(x)) => add_slices(&mut a[r1], &x[r2]),
+            (a, x) => return Err(crate::cpu::dtype_error(ADD, &[&*a, x])),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda::add_into((s1, l1), (s2, l2))
+    }
+}
+
+struct ScaleBy;
+
+impl InplaceOp2 for ScaleBy {
+    fn name(&self) -> &'static str {
+        SCALE
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let r1 = range(SCALE, l1)?;
+        let g = s2.as_slice::<f32>()?[l2.start_offset()];
+        match s1 {
+            CpuStorage::F32(t) => scale_slice(&mut t[r1], g),
+            CpuStorage::BF16(t) => scale_slice(&mut t[r1], g),
+            CpuStorage::F16(t) => scale_slice(&mut t[r1], g),
+            t => return Err(crate::cpu::dtype_error(SCALE, &[&*t])),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda::scale_by((s1, l1), (s2, l2))
+    }
+}
