@@ -56,6 +56,9 @@ pub struct Job {
     /// The largest peak memory any rank reported.
     #[serde(default)]
     pub peak_memory_bytes: u64,
+    /// Data-plane bytes all ranks sent, summed over the steps reported since `start_step`.
+    #[serde(default)]
+    pub bytes_sent: u64,
     /// Mean loss of every finished step since `start_step` (index 0 is step `start_step + 1`).
     #[serde(default)]
     pub losses: Vec<f64>,

@@ -47,6 +47,8 @@ pub struct StepReport {
     pub tokens: u64,
     /// Peak memory the rank reported (device memory on a GPU, RSS on a CPU).
     pub peak_memory_bytes: u64,
+    /// Data-plane bytes the rank sent in this step.
+    pub bytes_sent: u64,
 }
 
 /// One rank's checkpoint, written and checksummed.
@@ -379,6 +381,7 @@ impl Coordinator {
                 first_loss: None,
                 tokens_per_s: 0.0,
                 peak_memory_bytes: 0,
+                bytes_sent: 0,
                 losses: Vec::new(),
                 committed: Vec::new(),
                 submitted_unix_ms: now_ms,
@@ -468,6 +471,7 @@ impl Coordinator {
         agg.loss_x_tokens += r.loss * r.tokens as f64;
         agg.tokens += r.tokens;
         j.peak_memory_bytes = j.peak_memory_bytes.max(r.peak_memory_bytes);
+        j.bytes_sent += r.bytes_sent;
         if agg.ranks.len() == world {
             let agg = j.progress.steps.remove(&r.step).expect("present");
             let loss = agg.loss_x_tokens / agg.tokens.max(1) as f64;

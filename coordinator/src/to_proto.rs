@@ -101,6 +101,7 @@ pub fn step_report_from_proto(r: &pb::StepReport) -> StepReport {
         loss: r.loss,
         tokens: r.tokens,
         peak_memory_bytes: r.peak_memory_bytes,
+        bytes_sent: r.bytes_sent,
     }
 }
 
@@ -148,6 +149,7 @@ pub fn job_to_proto(j: &Job) -> pb::JobStatus {
         loss: j.loss.unwrap_or(f64::NAN),
         tokens_per_s: j.tokens_per_s,
         peak_memory_bytes: j.peak_memory_bytes,
+        bytes_sent: j.bytes_sent,
         last_checkpoint_step: last.map_or(0, |p| p.step.0),
         last_checkpoint_dir: last.map(|p| p.dir.clone()).unwrap_or_default(),
         first_loss: j.first_loss.unwrap_or(f64::NAN),

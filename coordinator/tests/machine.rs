@@ -91,6 +91,7 @@ fn job_waits_for_workers_then_runs_to_success() {
                         loss: 2.0 + r as f64,
                         tokens: 100,
                         peak_memory_bytes: 1000 + r as u64,
+                        bytes_sent: 10 + r as u64,
                     }),
                 )
                 .unwrap();
@@ -98,6 +99,7 @@ fn job_waits_for_workers_then_runs_to_success() {
         }
         assert_eq!(c.job(job).unwrap().step, Step(step));
         assert_eq!(c.job(job).unwrap().loss, Some(2.5), "token-weighted mean of 2 and 3");
+        assert_eq!(c.job(job).unwrap().bytes_sent, 21 * step, "bytes of every rank and step, summed");
     }
     let out = c.step(300, ckpt(job, ws[0], 0, 2)).unwrap();
     assert!(
@@ -206,6 +208,7 @@ fn reports_from_strangers_are_rejected() {
             loss: 1.0,
             tokens: 1,
             peak_memory_bytes: 0,
+            bytes_sent: 0,
         }),
     );
     assert!(e.is_err());
@@ -227,6 +230,7 @@ fn non_finite_loss_fails_the_job() {
                 loss: f64::NAN,
                 tokens: 1,
                 peak_memory_bytes: 0,
+                bytes_sent: 0,
             }),
         )
         .unwrap();

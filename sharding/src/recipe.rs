@@ -216,11 +216,18 @@ pub struct ParallelSection {
     /// `--nodes`, and it must add up to `train.global_batch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_per_worker: Option<Vec<usize>>,
+    /// Sequences per micro-batch for each worker, in rank order (e.g. `[3, 1]`): a worker runs
+    /// forward and backward on that many of its rows at a time and accumulates the gradients,
+    /// so its activation memory follows the micro-batch, not its share. Each micro-batch's loss
+    /// is weighted by its tokens, so the maths equals one pass over all rows. Default: each
+    /// worker's rows in one pass. Its length must equal the job's `--nodes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch_rows: Option<Vec<usize>>,
 }
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { zero_stage: default_zero(), rows_per_worker: None }
+        ParallelSection { zero_stage: default_zero(), rows_per_worker: None, micro_batch_rows: None }
     }
 }
 
@@ -229,12 +236,21 @@ fn default_zero() -> u8 {
 }
 
 /// ZeRO stages this build can execute.
-pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1];
+pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1, 2];
 
 impl Recipe {
     /// Each of `nodes` data-parallel ranks' rows of every global batch: `parallel.rows_per_worker`
     /// when set (its length must be `nodes`), else an even split.
     pub fn batch_shares(&self, nodes: usize) -> Result<Vec<crate::plan::BatchShare>, String> {
+        if let Some(mb) = &self.parallel.micro_batch_rows
+            && mb.len() != nodes
+        {
+            return Err(format!(
+                "parallel.micro_batch_rows = {mb:?} names {} workers, but the job has {nodes}; use --nodes {} or change the list",
+                mb.len(),
+                mb.len()
+            ));
+        }
         let Some(rows) = &self.parallel.rows_per_worker else {
             return crate::plan::split_batch(nodes, self.train.global_batch).map_err(|e| e.to_string());
         };
@@ -255,6 +271,15 @@ impl Recipe {
                 share
             })
             .collect())
+    }
+
+    /// Rows per micro-batch of the rank `rank` that takes `rows` rows of every global batch:
+    /// `parallel.micro_batch_rows[rank]` (at most `rows`), else `rows` (one pass).
+    pub fn micro_batch_rows(&self, rank: usize, rows: usize) -> usize {
+        match &self.parallel.micro_batch_rows {
+            Some(mb) if rank < mb.len() => mb[rank].clamp(1, rows.max(1)),
+            _ => rows.max(1),
+        }
     }
 
     /// Parses YAML, rejecting unknown fields, then validates.
@@ -349,8 +374,8 @@ impl Recipe {
             return Err(err(
                 "parallel.zero_stage",
                 self.parallel.zero_stage,
-                "is not supported by this build",
-                "use parallel.zero_stage: 1",
+                "is not supported by this build (it runs ZeRO-1 and ZeRO-2)",
+                "use parallel.zero_stage: 1 or 2",
             ));
         }
         if let Some(rows) = &self.parallel.rows_per_worker {
@@ -372,6 +397,16 @@ impl Recipe {
                     "make the entries add up to train.global_batch",
                 ));
             }
+        }
+        if let Some(mb) = &self.parallel.micro_batch_rows
+            && (mb.is_empty() || mb.contains(&0))
+        {
+            return Err(err(
+                "parallel.micro_batch_rows",
+                format!("{mb:?}"),
+                "needs one entry per worker, each at least 1",
+                "e.g. parallel.micro_batch_rows: [3, 1], or leave it out for one pass per step",
+            ));
         }
         self.finetune.validate()?;
         if let Some(spec) = &self.model.spec
@@ -544,6 +579,23 @@ checkpoint: { dir: c, every: 5 }
             let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ rows_per_worker: {rows} }}\n")).unwrap_err();
             assert!(e.starts_with("parallel.rows_per_worker") && e.contains(want) && e.contains(';'), "{rows}: {e}");
         }
+    }
+
+    #[test]
+    fn micro_batch_rows_are_per_worker_and_refused_with_the_fix() {
+        let r = Recipe::from_yaml(&format!("{GOOD}parallel: {{ micro_batch_rows: [3, 1] }}\n")).unwrap();
+        assert_eq!((r.micro_batch_rows(0, 4), r.micro_batch_rows(1, 4)), (3, 1));
+        // More than the worker's rows: one pass over its rows.
+        assert_eq!(r.micro_batch_rows(0, 2), 2);
+        assert_eq!(Recipe::from_yaml(GOOD).unwrap().micro_batch_rows(0, 4), 4);
+        let e = r.batch_shares(3).unwrap_err();
+        assert!(e.contains("micro_batch_rows") && e.contains("--nodes 2"), "{e}");
+        for mb in ["[3, 0]", "[]"] {
+            let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ micro_batch_rows: {mb} }}\n")).unwrap_err();
+            assert!(e.starts_with("parallel.micro_batch_rows") && e.contains("each at least 1"), "{mb}: {e}");
+        }
+        let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ zero_stage: 3 }}\n")).unwrap_err();
+        assert!(e.starts_with("parallel.zero_stage") && e.contains("1 or 2"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,8 @@ struct Row {
     tokens_per_s: f64,
     final_loss: f64,
     peak_memory_bytes: u64,
+    /// Data-plane bytes one rank sent per step, averaged over every rank and step.
+    bytes_per_step: f64,
 }
 
 pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
@@ -103,6 +105,7 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             tokens_per_s: timed as f64 * tokens_per_step / secs,
             final_loss: status.loss,
             peak_memory_bytes: status.peak_memory_bytes,
+            bytes_per_step: status.bytes_sent as f64 / (a.steps * n as u64) as f64,
         });
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -112,10 +115,15 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     // Scaling efficiency against the one-worker run: tokens/s over n times one worker's.
     let one = rows.iter().find(|r| r.nodes == 1).map(|r| r.tokens_per_s);
     let scaling = |r: &Row| one.map(|o| r.tokens_per_s / (o * r.nodes as f64));
+    // The ring-collective formula for one data-parallel step: a reduce-scatter of the f32
+    // gradient plus an all-gather of the f32 parameters, (n - 1) / n of the model each.
+    let model_bytes = 4.0 * spec.param_count() as f64;
+    let formula = |r: &Row| 2.0 * (r.nodes as f64 - 1.0) / r.nodes as f64 * model_bytes;
+    let ratio = |r: &Row| (r.nodes > 1).then(|| r.bytes_per_step / formula(r));
     if a.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes}))
+            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r)}))
             .collect();
         println!(
             "{}",
@@ -133,16 +141,20 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     );
     println!("MFU = tokens/s x {:.3e} FLOP/token / ({} TFLOP/s x nodes)", fpt, a.peak_tflops);
     println!(
-        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>7} | {:>9} | {:>10}",
-        "nodes", "steps", "s/step", "tokens/s", "MFU", "scaling", "peak GiB", "final loss"
+        "sent MB = data-plane bytes per rank per step; formula = 2(n-1)/n x {:.1} MB (f32 model: reduce-scatter + all-gather)",
+        model_bytes / 1e6
     );
     println!(
-        "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}",
-        "", "", "", "", "", "", "", ""
+        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>7} | {:>9} | {:>10} | {:>10} | {:>7}",
+        "nodes", "steps", "s/step", "tokens/s", "MFU", "scaling", "peak GiB", "final loss", "sent MB", "formula"
+    );
+    println!(
+        "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}-+-{:-<10}-+-{:-<7}",
+        "", "", "", "", "", "", "", "", "", ""
     );
     for r in &rows {
         println!(
-            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>7} | {:>9.2} | {:>10.4}",
+            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>7} | {:>9.2} | {:>10.4} | {:>10.3} | {:>7}",
             r.nodes,
             r.timed_steps,
             r.seconds / r.timed_steps as f64,
@@ -150,7 +162,9 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             100.0 * mfu(r),
             scaling(r).map_or("-".to_string(), |s| format!("{s:.3}")),
             r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
-            r.final_loss
+            r.final_loss,
+            r.bytes_per_step / 1e6,
+            ratio(r).map_or("-".to_string(), |x| format!("{x:.3}x"))
         );
     }
     Ok(())

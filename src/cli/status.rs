@@ -35,6 +35,8 @@ pub fn job_json(j: &pb::JobStatus) -> serde_json::Value {
         "last_checkpoint_step": j.last_checkpoint_step,
         "last_checkpoint_dir": (!j.last_checkpoint_dir.is_empty()).then_some(&j.last_checkpoint_dir),
         "losses_first_step": j.losses_first_step,
+        "peak_memory_bytes": j.peak_memory_bytes,
+        "bytes_sent": j.bytes_sent,
         "losses": j.losses.iter().map(|l| finite(*l)).collect::<Vec<_>>(),
     })
 }

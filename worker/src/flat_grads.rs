@@ -60,12 +60,14 @@ impl FlatGrads {
         self.buckets.len()
     }
 
-    /// Runs the backward pass of `loss`, copying every parameter's gradient into `flat` and
-    /// calling `on_bucket(elements)` for each complete bucket, last bucket first. A parameter
-    /// that no gradient reaches is an error that names it (never a silent zero).
+    /// Runs the backward pass of `loss`, copying every parameter's gradient into `flat` (adding
+    /// it to what `flat` holds when `accumulate`: later micro-batches of a step) and calling
+    /// `on_bucket(elements)` for each complete bucket, last bucket first. A parameter that no
+    /// gradient reaches is an error that names it (never a silent zero).
     pub fn backward(
         &self,
         loss: &Tensor,
+        accumulate: bool,
         on_bucket: &mut dyn FnMut(Range<usize>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let mut missing: Vec<usize> = self.buckets.iter().map(|b| b.len()).collect();
@@ -76,7 +78,11 @@ impl FlatGrads {
             // A variable that is not one of the model's parameters (none exist today) has no
             // place in the buffer; its gradient is dropped as candle would leave it unused.
             let Some(&i) = self.index.get(&var.id()) else { return Ok(()) };
-            self.views[i].set(grad)?;
+            if accumulate {
+                swarm_kernels::add_into(self.views[i].as_tensor(), grad)?;
+            } else {
+                self.views[i].set(grad)?;
+            }
             if std::mem::replace(&mut seen[i], true) {
                 return Ok(());
             }
@@ -159,7 +165,7 @@ mod tests {
         let mut handed = Vec::new();
         let loss = model.loss(&windows()).unwrap();
         grads
-            .backward(&loss, &mut |r| {
+            .backward(&loss, false, &mut |r| {
                 handed.push(r);
                 Ok(())
             })
@@ -183,6 +189,33 @@ mod tests {
         let p1 = model.params[1].var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(p0.iter().zip(&p1).all(|(a, b)| *b == 2.0 * a));
         assert_eq!(model.dtype(), DType::F32);
+    }
+
+    /// Two micro-batches accumulated: the sum of their plain gradients (each copied, then added).
+    #[test]
+    fn accumulated_micro_batches_sum_their_gradients() {
+        let dev = Device::Cpu;
+        let mut model = Llama::init(&spec(), 7, &dev).unwrap();
+        let n = model.num_params();
+        model.pack(n).unwrap();
+        let w = windows();
+        let (a, b) = (w.narrow(0, 0, 1).unwrap(), w.narrow(0, 1, 1).unwrap());
+        let plain = |x: &Tensor| -> Vec<f32> {
+            let g = model.loss(x).unwrap().backward().unwrap();
+            model
+                .params
+                .iter()
+                .flat_map(|p| g.get(p.var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        let want: Vec<f32> = plain(&a).iter().zip(plain(&b)).map(|(x, y)| x + y).collect();
+        let grads = FlatGrads::new(&model, n, 3_000).unwrap();
+        grads.backward(&model.loss(&a).unwrap(), false, &mut |_| Ok(())).unwrap();
+        grads.backward(&model.loss(&b).unwrap(), true, &mut |_| Ok(())).unwrap();
+        assert_eq!(grads.flat.to_vec1::<f32>().unwrap(), want);
+        // Without `accumulate` a backward pass starts over.
+        grads.backward(&model.loss(&b).unwrap(), false, &mut |_| Ok(())).unwrap();
+        assert_eq!(grads.flat.to_vec1::<f32>().unwrap(), plain(&b));
     }
 
     #[test]

@@ -58,5 +58,6 @@ pub fn step_to_proto(a: &Assignment, worker: WorkerId, s: &StepStats) -> pb::Ste
         peak_memory_bytes: s.peak_memory_bytes,
         lr: s.lr,
         grad_norm: s.grad_norm,
+        bytes_sent: s.bytes_sent,
     }
 }

@@ -279,6 +279,12 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     #[cfg(feature = "cuda")]
     let nccl = match a.world_size > 1 {
         false => None,
+        // ZeRO-2 reduce-scatters each micro-batch's gradient over the TCP ring: this build's
+        // NCCL path all-reduces (ZeRO-1).
+        true if recipe.parallel.zero_stage == 2 => {
+            tracing::info!(job = %a.job, rank = %a.rank, "ZeRO-2: gradients go over the TCP ring (NCCL runs ZeRO-1)");
+            None
+        }
         true => match crate::comm::nccl::usable(&mut ring, &device)? {
             Ok(()) => {
                 let g = crate::comm::nccl::NcclGroup::connect(&mut ring, &device)?;
@@ -339,9 +345,12 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     #[cfg(not(feature = "cuda"))]
     let nccl_bytes = 0u64;
     let (offset, count) = (a.share.offset, a.share.count);
-    let share = count as f64 / t.global_batch as f64;
-    tracing::info!(job = %a.job, rank = %a.rank, params = len, own = own.len(), start = %start, "training");
+    let micro = recipe.micro_batch_rows(a.rank.0 as usize, count);
+    let zero2 = recipe.parallel.zero_stage == 2 && a.world_size > 1;
+    tracing::info!(job = %a.job, rank = %a.rank, params = len, own = own.len(), start = %start, rows = count, micro_batch = micro, zero = recipe.parallel.zero_stage, "training");
 
+    // Data-plane bytes sent before this step (the start-up handshake is not a step's traffic).
+    let mut sent_before = ring.bytes_sent();
     for step_no in start.0 + 1..=t.steps {
         let step = Step(step_no);
         if ctx.cancel.load(Ordering::Relaxed) {
@@ -349,18 +358,65 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         }
         let t0 = Instant::now();
         let rows = sample_rows(&mut order, cursor + offset as u64, count);
-        let mut tokens = Vec::with_capacity(count * (t.seq_len + 1));
-        for w in rows {
-            tokens.extend(dataset.window(w, t.seq_len));
-        }
-        let windows = Tensor::from_vec(tokens, (count, t.seq_len + 1), &device)?;
-        let loss = model.loss(&windows)?;
-        if profile {
-            device.synchronize()?;
-        }
-        let t_fwd = t0.elapsed().as_secs_f64();
-        let scaled = (&loss * share)?;
         let lr = recipe.lr_at(step_no);
+        // Forward and backward, one micro-batch at a time; gradients accumulate (on the host in
+        // f32, on a GPU in the flat gradient buffer). Each micro-batch's loss is weighted by its
+        // share of the global batch's tokens, so the sum is the global mean's gradient.
+        let mut loss_sum: Option<Tensor> = None;
+        let mut host_grad: Vec<f32> = Vec::new();
+        let mut zero2_comm = 0.0;
+        let mut t_fwd = 0.0;
+        let pieces: Vec<Range<usize>> = (0..count).step_by(micro).map(|s| s..(s + micro).min(count)).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let first = i == 0;
+            let mut tokens = Vec::with_capacity(piece.len() * (t.seq_len + 1));
+            for &w in &rows[piece.clone()] {
+                tokens.extend(dataset.window(w, t.seq_len));
+            }
+            let windows = Tensor::from_vec(tokens, (piece.len(), t.seq_len + 1), &device)?;
+            let tf = Instant::now();
+            let loss = model.loss(&windows)?;
+            if profile {
+                device.synchronize()?;
+            }
+            t_fwd += tf.elapsed().as_secs_f64();
+            let part = (loss.detach() * (piece.len() as f64 / count as f64))?;
+            loss_sum = Some(match loss_sum {
+                Some(l) => (l + part)?,
+                None => part,
+            });
+            let scaled = (&loss * (piece.len() as f64 / t.global_batch as f64))?;
+            match &mut optimizer {
+                Optimizer::Host => {
+                    let grads = scaled.backward()?;
+                    let mut g = flat_grads(&model, &grads)?;
+                    drop(grads);
+                    if zero2 {
+                        // ZeRO-2: this micro-batch's gradient is reduce-scattered right away and
+                        // only this rank's shard is kept (summed over the micro-batches).
+                        let tc = Instant::now();
+                        let r = ring.reduce_scatter(&mut g)?;
+                        zero2_comm += tc.elapsed().as_secs_f64();
+                        g.truncate(r.end);
+                        g.drain(..r.start);
+                    }
+                    if first {
+                        host_grad = g;
+                    } else {
+                        host_grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                    }
+                }
+                #[cfg(feature = "cuda")]
+                Optimizer::Device { grads, .. } => grads.backward(&scaled, !first, &mut |_| Ok(()))?,
+                // Each bucket of gradients is summed over the ranks (in the compute dtype: bf16
+                // on a GPU, half the bytes of f32) while the last micro-batch's backward pass
+                // goes on; earlier micro-batches only accumulate locally.
+                #[cfg(feature = "cuda")]
+                Optimizer::Nccl { group, grads, .. } => grads.backward(&scaled, !first, &mut |r| {
+                    if i + 1 == pieces.len() { group.all_reduce(&grads.flat, r) } else { Ok(()) }
+                })?,
+            }
+        }
         let adam_cfg = |decays: bool| AdamW {
             lr,
             beta1: t.beta1,
@@ -370,7 +426,8 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         };
         // Read after the backward is queued: reading it earlier would make the host wait for
         // the forward before queuing the backward's kernels.
-        let read_loss = || -> anyhow::Result<f64> { Ok(f64::from(loss.to_scalar::<f32>()?)) };
+        let loss_sum = loss_sum.context("a rank with no rows in the global batch")?;
+        let read_loss = || -> anyhow::Result<f64> { Ok(f64::from(loss_sum.to_dtype(DType::F32)?.to_scalar::<f32>()?)) };
         let log_phases = |what: &str| {
             eprintln!(
                 "{step}: forward {:.1} ms, backward {:.1} ms{what}",
@@ -380,21 +437,21 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         };
         let (loss_value, norm, compute_s, comm) = match &mut optimizer {
             Optimizer::Host => {
-                let grads = scaled.backward()?;
                 let loss_value = read_loss()?;
                 if profile {
                     log_phases("");
                 }
-                let mut grad = flat_grads(&model, &grads)?;
-                drop(grads);
-                let compute_fwd_bwd = t0.elapsed().as_secs_f64();
+                let mut grad = std::mem::take(&mut host_grad);
+                let compute_fwd_bwd = t0.elapsed().as_secs_f64() - zero2_comm;
 
                 let t1 = Instant::now();
-                let own_range = ring.reduce_scatter(&mut grad)?;
+                // ZeRO-1: the accumulated gradient is reduce-scattered once per step. ZeRO-2
+                // already holds its reduced shard.
+                let own_range = if zero2 { 0..grad.len() } else { ring.reduce_scatter(&mut grad)? };
                 let g = &mut grad[own_range];
                 let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
                 let norm = ring.all_reduce_small(&[sumsq])?[0].sqrt();
-                let mut comm = t1.elapsed().as_secs_f64();
+                let mut comm = t1.elapsed().as_secs_f64() + zero2_comm;
 
                 let t2 = Instant::now();
                 check_norm(norm, step)?;
@@ -425,7 +482,6 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             }
             #[cfg(feature = "cuda")]
             Optimizer::Device { adam, packed, grads } => {
-                grads.backward(&scaled, &mut |_| Ok(()))?;
                 let loss_value = read_loss()?;
                 if profile {
                     device.synchronize()?;
@@ -449,9 +505,6 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             }
             #[cfg(feature = "cuda")]
             Optimizer::Nccl { group, adam, shard, packed, grads } => {
-                // Each bucket of gradients is summed over the ranks (in the compute dtype: bf16
-                // on a GPU, half the bytes of f32) while the backward pass goes on.
-                grads.backward(&scaled, &mut |r| group.all_reduce(&grads.flat, r))?;
                 let loss_value = read_loss()?;
                 device.synchronize()?;
                 let compute_fwd_bwd = t0.elapsed().as_secs_f64();
@@ -495,6 +548,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             }
         };
         cursor += t.global_batch as u64;
+        let sent = ring.bytes_sent() + nccl_bytes;
 
         (ctx.report)(Report::Step(StepStats {
             step,
@@ -505,8 +559,9 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             lr,
             grad_norm: norm,
             peak_memory_bytes: peak_memory(&device),
-            bytes_sent: ring.bytes_sent() + nccl_bytes,
+            bytes_sent: sent - sent_before,
         }))?;
+        sent_before = sent;
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
             #[cfg(feature = "cuda")]

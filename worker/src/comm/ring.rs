@@ -145,7 +145,7 @@ impl Ring {
             sent?;
             Ok(received)
         })?;
-        self.bytes_sent += (out.len() * 4) as u64;
+        self.bytes_sent += bytes.len() as u64; // what went on the wire: header and payload
         Ok(received)
     }
 
@@ -259,9 +259,10 @@ mod tests {
                 let want_small: f64 = (0..world).map(|i| i as f64 + 0.1).sum();
                 assert_eq!(small, &vec![want_small, world as f64]);
                 if world > 1 && len % world == 0 {
-                    // Bandwidth-optimal: 2(n-1)/n of the buffer per all-reduce (plus the small one).
+                    // Bandwidth-optimal: 2(n-1)/n of the buffer per all-reduce (plus the small one),
+                    // and an 8-byte header per message: 3(n-1) messages.
                     let big = (2 * (world - 1) * len / world * 4) as u64;
-                    assert_eq!(*sent, big + (world as u64 - 1) * 16);
+                    assert_eq!(*sent, big + (world as u64 - 1) * 16 + 3 * (world as u64 - 1) * 8);
                 }
             }
         }
