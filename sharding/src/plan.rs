@@ -40,6 +40,29 @@ pub struct Plan {
     pub assumptions: Vec<String>,
 }
 
+impl Plan {
+    /// The recipe's `parallel:` section that runs this plan: stages and their layers, the
+    /// ZeRO stage, and each replica's rows and micro-batch size (ranks are stage x replicas +
+    /// replica, as the coordinator numbers them).
+    pub fn parallel_section(&self) -> String {
+        let replicas: Vec<&RankPlan> = self.ranks.iter().filter(|r| r.stage.0 == 0).collect();
+        let rows: Vec<usize> = replicas.iter().map(|r| r.micro_batch * self.micro_batches).collect();
+        let micro: Vec<usize> = replicas.iter().map(|r| r.micro_batch).collect();
+        let mut out = format!("parallel:\n  zero_stage: {}\n", self.zero_stage.max(1));
+        if self.pipeline_degree > 1 {
+            let layers: Vec<usize> = self.stages.iter().map(StagePlan::layers).collect();
+            out.push_str(&format!("  pipeline_stages: {}\n  stage_layers: {layers:?}\n", self.pipeline_degree));
+        }
+        if rows.windows(2).any(|w| w[0] != w[1]) {
+            out.push_str(&format!("  rows_per_worker: {rows:?}\n"));
+        }
+        if self.micro_batches > 1 {
+            out.push_str(&format!("  micro_batch_rows: {micro:?}\n"));
+        }
+        out
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelSummary {
     pub params: u64,

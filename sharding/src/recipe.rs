@@ -69,6 +69,9 @@ pub struct ModelSection {
     /// 128,256 for a benchmark on a small tokenizer); by default the tokenizer's.
     #[serde(default)]
     pub vocab_size: Option<usize>,
+    /// Whether the LM head shares the embedding's weights (as Llama 3.2 1B/3B do).
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -223,11 +226,62 @@ pub struct ParallelSection {
     /// worker's rows in one pass. Its length must equal the job's `--nodes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub micro_batch_rows: Option<Vec<usize>>,
+    /// Pipeline stages: the layers are split into this many consecutive stages, each on its own
+    /// workers, and `--nodes` must be a multiple of it (nodes / stages data-parallel replicas of
+    /// the pipeline). Activations and their gradients flow between neighbouring stages; each
+    /// stage runs a 1F1B schedule over the micro-batches. Default 1 (no pipeline). With stages,
+    /// `rows_per_worker` and `micro_batch_rows` have one entry per replica.
+    #[serde(default = "default_stages")]
+    pub pipeline_stages: usize,
+    /// Transformer layers of each stage, in order (e.g. `[10, 6]` when the first stage's
+    /// machine is faster); must add up to the model's layers. Default: as even as possible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_layers: Option<Vec<usize>>,
 }
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { zero_stage: default_zero(), rows_per_worker: None, micro_batch_rows: None }
+        ParallelSection {
+            zero_stage: default_zero(),
+            rows_per_worker: None,
+            micro_batch_rows: None,
+            pipeline_stages: default_stages(),
+            stage_layers: None,
+        }
+    }
+}
+
+fn default_stages() -> usize {
+    1
+}
+
+/// Where a rank sits in a job of `stages` pipeline stages times `replicas` data-parallel
+/// replicas: rank = stage × replicas + replica, so a stage's data-parallel group is a run of
+/// consecutive ranks and a pipeline is every `replicas`-th rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageLayout {
+    pub stages: usize,
+    pub replicas: usize,
+    /// The transformer layers of each stage.
+    pub layers: Vec<std::ops::Range<usize>>,
+}
+
+impl StageLayout {
+    pub fn stage_of(&self, rank: usize) -> usize {
+        rank / self.replicas
+    }
+
+    pub fn replica_of(&self, rank: usize) -> usize {
+        rank % self.replicas
+    }
+
+    pub fn rank(&self, stage: usize, replica: usize) -> usize {
+        stage * self.replicas + replica
+    }
+
+    /// "stage 2 of 3" for messages.
+    pub fn describe(&self, rank: usize) -> String {
+        format!("stage {} of {}", self.stage_of(rank), self.stages)
     }
 }
 
@@ -241,43 +295,92 @@ pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1, 2];
 impl Recipe {
     /// Each of `nodes` data-parallel ranks' rows of every global batch: `parallel.rows_per_worker`
     /// when set (its length must be `nodes`), else an even split.
+    /// Each of `nodes` ranks' rows of every global batch: the rows of its data-parallel replica
+    /// (every stage of a pipeline takes the same rows). The replicas split the batch as
+    /// `parallel.rows_per_worker` says (one entry per replica), else evenly.
     pub fn batch_shares(&self, nodes: usize) -> Result<Vec<crate::plan::BatchShare>, String> {
-        if let Some(mb) = &self.parallel.micro_batch_rows
-            && mb.len() != nodes
-        {
-            return Err(format!(
-                "parallel.micro_batch_rows = {mb:?} names {} workers, but the job has {nodes}; use --nodes {} or change the list",
-                mb.len(),
-                mb.len()
-            ));
-        }
-        let Some(rows) = &self.parallel.rows_per_worker else {
-            return crate::plan::split_batch(nodes, self.train.global_batch).map_err(|e| e.to_string());
+        let layout = self.stage_layout(nodes)?;
+        let d = layout.replicas;
+        let per = |what: &str, n: usize| -> String {
+            if layout.stages > 1 {
+                format!(
+                    "names {n} {what}, but the job has {d} data-parallel replicas ({nodes} nodes / {} pipeline stages); use --nodes {} or change the list",
+                    layout.stages,
+                    n * layout.stages
+                )
+            } else {
+                format!("names {n} {what}, but the job has {nodes}; use --nodes {n} or change the list")
+            }
         };
-        if rows.len() != nodes {
-            return Err(format!(
-                "parallel.rows_per_worker = {rows:?} names {} workers, but the job has {nodes}; use --nodes {} or change the list",
-                rows.len(),
-                rows.len()
-            ));
+        if let Some(mb) = &self.parallel.micro_batch_rows
+            && mb.len() != d
+        {
+            return Err(format!("parallel.micro_batch_rows = {mb:?} {}", per("workers", mb.len())));
         }
-        let mut offset = 0;
-        Ok(rows
-            .iter()
-            .enumerate()
-            .map(|(r, &count)| {
-                let share = crate::plan::BatchShare { rank: crate::Rank(r as u32), offset, count };
-                offset += count;
-                share
-            })
+        let replicas = match &self.parallel.rows_per_worker {
+            None => crate::plan::split_batch(d, self.train.global_batch).map_err(|e| e.to_string())?,
+            Some(rows) if rows.len() != d => {
+                return Err(format!("parallel.rows_per_worker = {rows:?} {}", per("workers", rows.len())));
+            }
+            Some(rows) => {
+                let mut offset = 0;
+                rows.iter()
+                    .enumerate()
+                    .map(|(r, &count)| {
+                        let share = crate::plan::BatchShare { rank: crate::Rank(r as u32), offset, count };
+                        offset += count;
+                        share
+                    })
+                    .collect()
+            }
+        };
+        Ok((0..nodes)
+            .map(|r| crate::plan::BatchShare { rank: crate::Rank(r as u32), ..replicas[layout.replica_of(r)] })
             .collect())
     }
 
-    /// Rows per micro-batch of the rank `rank` that takes `rows` rows of every global batch:
-    /// `parallel.micro_batch_rows[rank]` (at most `rows`), else `rows` (one pass).
-    pub fn micro_batch_rows(&self, rank: usize, rows: usize) -> usize {
+    /// The pipeline layout of a job on `nodes` workers: `parallel.pipeline_stages` stages of
+    /// `parallel.stage_layers` layers (default: as even as possible, earlier stages one more).
+    pub fn stage_layout(&self, nodes: usize) -> Result<StageLayout, String> {
+        let p = self.parallel.pipeline_stages;
+        if p == 0 || nodes == 0 || !nodes.is_multiple_of(p) {
+            return Err(format!(
+                "parallel.pipeline_stages = {p} does not divide --nodes {nodes}; use a multiple of {p} nodes (stages x data-parallel replicas)"
+            ));
+        }
+        let layers = self.model.spec.as_ref().map(|s| s.num_hidden_layers);
+        let counts: Vec<usize> = match (&self.parallel.stage_layers, layers) {
+            (Some(c), _) => c.clone(),
+            (None, Some(l)) => (0..p).map(|s| l / p + usize::from(s < l % p)).collect(),
+            // The shape is resolved before a job runs; until then, one stage takes everything.
+            (None, None) => (0..p).map(|s| usize::from(s == 0)).collect(),
+        };
+        if let Some(l) = layers
+            && counts.iter().sum::<usize>() != l
+        {
+            return Err(format!(
+                "parallel.stage_layers = {counts:?} adds up to {}, but the model has {l} layers; make them add up to {l}",
+                counts.iter().sum::<usize>()
+            ));
+        }
+        let mut start = 0;
+        let layers = counts
+            .iter()
+            .map(|&c| {
+                let r = start..start + c;
+                start += c;
+                r
+            })
+            .collect();
+        Ok(StageLayout { stages: p, replicas: nodes / p, layers })
+    }
+
+    /// Rows per micro-batch of data-parallel replica `replica` (the rank, without pipeline
+    /// stages), which takes `rows` rows of every global batch: `parallel.micro_batch_rows[replica]`
+    /// (at most `rows`), else `rows` (one pass).
+    pub fn micro_batch_rows(&self, replica: usize, rows: usize) -> usize {
         match &self.parallel.micro_batch_rows {
-            Some(mb) if rank < mb.len() => mb[rank].clamp(1, rows.max(1)),
+            Some(mb) if replica < mb.len() => mb[replica].clamp(1, rows.max(1)),
             _ => rows.max(1),
         }
     }
@@ -398,6 +501,37 @@ impl Recipe {
                 ));
             }
         }
+        let p = self.parallel.pipeline_stages;
+        if p == 0 || p > 64 {
+            return Err(err(
+                "parallel.pipeline_stages",
+                p,
+                "must be between 1 and 64",
+                "use 1 (no pipeline) or the number of machines one copy of the model is split over",
+            ));
+        }
+        if let Some(c) = &self.parallel.stage_layers {
+            let layers = self.model.spec.as_ref().map(|s| s.num_hidden_layers);
+            if c.len() != p || c.contains(&0) || layers.is_some_and(|l| c.iter().sum::<usize>() != l) {
+                return Err(err(
+                    "parallel.stage_layers",
+                    format!("{c:?}"),
+                    &format!(
+                        "needs one entry per pipeline stage ({p}), each at least 1{}",
+                        layers.map_or(String::new(), |l| format!(", adding up to the model's {l} layers"))
+                    ),
+                    "e.g. parallel.stage_layers: [10, 6], or leave it out for an even split",
+                ));
+            }
+        }
+        if p > 1 && self.parallel.zero_stage != 1 {
+            return Err(err(
+                "parallel.zero_stage",
+                self.parallel.zero_stage,
+                "with pipeline stages, this build runs ZeRO-1 inside each stage",
+                "use parallel.zero_stage: 1 with parallel.pipeline_stages",
+            ));
+        }
         if let Some(mb) = &self.parallel.micro_batch_rows
             && (mb.is_empty() || mb.contains(&0))
         {
@@ -513,6 +647,9 @@ impl Recipe {
         if let Some(v) = m.vocab_size {
             spec.vocab_size = v;
         }
+        if let Some(v) = m.tie_word_embeddings {
+            spec.tie_word_embeddings = v;
+        }
         if spec.vocab_size < tokenizer_vocab {
             return Err(err(
                 "model.vocab_size",
@@ -596,6 +733,36 @@ checkpoint: { dir: c, every: 5 }
         }
         let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ zero_stage: 3 }}\n")).unwrap_err();
         assert!(e.starts_with("parallel.zero_stage") && e.contains("1 or 2"), "{e}");
+    }
+
+    #[test]
+    fn pipeline_stages_lay_out_ranks_layers_and_rows() {
+        let mut r =
+            Recipe::from_yaml(&format!("{GOOD}parallel: {{ pipeline_stages: 2, rows_per_worker: [3, 1] }}\n")).unwrap();
+        r.model.spec = ModelSpec::preset("tiny");
+        // rank = stage x replicas + replica; every stage of a replica takes its rows.
+        let s = r.batch_shares(4).unwrap();
+        assert_eq!(s.iter().map(|b| (b.offset, b.count)).collect::<Vec<_>>(), vec![(0, 3), (3, 1), (0, 3), (3, 1)]);
+        let l = r.stage_layout(4).unwrap();
+        assert_eq!((l.stages, l.replicas, l.layers.clone()), (2, 2, vec![0..2, 2..4]));
+        assert_eq!((l.stage_of(3), l.replica_of(3), l.rank(1, 1)), (1, 1, 3));
+        let e = r.batch_shares(2).unwrap_err();
+        assert!(e.contains("data-parallel replicas") && e.contains("--nodes 4"), "{e}");
+        assert!(r.batch_shares(3).unwrap_err().contains("does not divide --nodes 3"));
+        r.parallel.stage_layers = Some(vec![3, 1]);
+        assert_eq!(r.stage_layout(4).unwrap().layers, vec![0..3, 3..4]);
+        for (extra, want) in [
+            ("pipeline_stages: 2, stage_layers: [3, 2]", "adding up to the model's 4 layers"),
+            ("pipeline_stages: 2, stage_layers: [4]", "one entry per pipeline stage (2)"),
+            ("pipeline_stages: 0", "between 1 and 64"),
+            ("pipeline_stages: 2, zero_stage: 2", "ZeRO-1 inside each stage"),
+        ] {
+            let mut bad = Recipe::from_yaml(GOOD).unwrap();
+            bad.model.spec = ModelSpec::preset("tiny");
+            bad.parallel = serde_yaml::from_str(&format!("{{ {extra} }}")).unwrap();
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
     }
 
     #[test]

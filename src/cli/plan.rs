@@ -178,7 +178,10 @@ fn render(p: &Plan, a: &PlanArgs) -> String {
     };
     let _ = writeln!(o, "sync: {sync}: {}", p.sync.explanation);
     if p.executable.ok {
-        let _ = writeln!(o, "this build can run this plan");
+        let _ = writeln!(o, "this build can run this plan; in the recipe:");
+        for l in p.parallel_section().lines() {
+            let _ = writeln!(o, "  {l}");
+        }
     } else {
         let _ = writeln!(o, "this build cannot run this plan yet:");
         for r in &p.executable.reasons {

@@ -233,15 +233,27 @@ impl Llama {
 
     /// The final normed hidden states `[batch * seq, hidden]` for token ids `[batch, seq]`.
     pub fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.layers(self.embed(ids)?, 0..self.spec.num_hidden_layers)?;
+        let (b, s, h) = x.dims3()?;
+        k::rms_norm(&x, self.w("model.norm.weight"), self.spec.rms_norm_eps)?.reshape((b * s, h))
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of ids `[batch, seq]` (the first pipeline stage).
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s) = ids.dims2()?;
+        let emb = self.w("model.embed_tokens.weight");
+        emb.embedding(&ids.flatten_all()?)?.reshape((b, s, self.spec.hidden_size))
+    }
+
+    /// Transformer layers `range` applied to `x` (`[batch, seq, hidden]`).
+    pub fn layers(&self, mut x: Tensor, range: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
         let spec = &self.spec;
         let (nh, nkv, hd) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim());
         let eps = spec.rms_norm_eps;
         let (cos, sin) = self.rope_tables(s)?;
-        let emb = self.w("model.embed_tokens.weight");
-        let mut x = emb.embedding(&ids.flatten_all()?)?.reshape((b, s, spec.hidden_size))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for l in 0..spec.num_hidden_layers {
+        for l in range {
             let p = |n: &str| format!("model.layers.{l}.{n}");
             let h = k::rms_norm(&x, self.w(&p("input_layernorm.weight")), eps)?;
             let q = self.linear(&h, &p("self_attn.q_proj"))?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
@@ -257,19 +269,39 @@ impl Llama {
             let up = self.linear(&h, &p("mlp.up_proj"))?;
             x = (x + self.linear(&k::swiglu(&gate, &up)?, &p("mlp.down_proj"))?)?;
         }
-        let x = k::rms_norm(&x, self.w("model.norm.weight"), eps)?;
-        x.reshape((b * s, spec.hidden_size))
+        Ok(x)
+    }
+
+    /// Final norm, LM head and mean next-token cross-entropy of `x` (`[batch, seq, hidden]`)
+    /// against `targets` (`[batch * seq]`): the last pipeline stage.
+    pub fn head_loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let x = k::rms_norm(x, self.w("model.norm.weight"), self.spec.rms_norm_eps)?.reshape((b * s, h))?;
+        // The LM head fused with the loss, chunked: the [tokens, vocab] logits never exist.
+        let chunk = k::chunk_rows(self.spec.vocab_size, self.dtype);
+        k::linear_cross_entropy(&x, self.head(), targets, chunk)
     }
 
     /// Mean next-token cross-entropy of `windows` (`[batch, seq+1]` token ids).
     pub fn loss(&self, windows: &Tensor) -> candle_core::Result<Tensor> {
-        let s1 = windows.dim(1)?;
-        let inputs = windows.narrow(1, 0, s1 - 1)?.contiguous()?;
-        let targets = windows.narrow(1, 1, s1 - 1)?.flatten_all()?;
-        // The LM head fused with the loss, chunked: the [tokens, vocab] logits never exist.
-        let chunk = k::chunk_rows(self.spec.vocab_size, self.dtype);
-        k::linear_cross_entropy(&self.hidden(&inputs)?, self.head(), &targets, chunk)
+        let (inputs, targets) = split_windows(windows)?;
+        let x = self.layers(self.embed(&inputs)?, 0..self.spec.num_hidden_layers)?;
+        self.head_loss(&x, &targets)
     }
+
+    /// Keeps only the parameters `keep` names (a pipeline stage's), in their order.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.params.retain(|p| keep(&p.name));
+        self.index = self.params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+    }
+}
+
+/// Inputs `[batch, seq]` and flat targets `[batch * seq]` of token windows `[batch, seq+1]`.
+pub fn split_windows(windows: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let s1 = windows.dim(1)?;
+    let inputs = windows.narrow(1, 0, s1 - 1)?.contiguous()?;
+    let targets = windows.narrow(1, 1, s1 - 1)?.flatten_all()?;
+    Ok((inputs, targets))
 }
 
 /// The safetensors files of a Hugging Face model directory.

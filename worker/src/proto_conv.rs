@@ -54,7 +54,7 @@ pub fn step_to_proto(a: &Assignment, worker: WorkerId, s: &StepStats) -> pb::Ste
         tokens: s.tokens,
         compute_s: s.compute_s,
         comm_s: s.comm_s,
-        idle_s: 0.0,
+        idle_s: s.idle_s,
         peak_memory_bytes: s.peak_memory_bytes,
         lr: s.lr,
         grad_norm: s.grad_norm,

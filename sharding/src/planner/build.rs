@@ -116,8 +116,12 @@ fn worker_id(ctx: &Ctx, dev: &crate::cluster::PlanDevice) -> Option<crate::ids::
 fn executable(ctx: &Ctx, c: &Candidate) -> Executable {
     let lay = &c.lay;
     let mut reasons = Vec::new();
-    if lay.p > 1 {
-        reasons.push(format!("{} pipeline stages: this build runs every layer on every rank", lay.p));
+    if lay.p > 1 && lay.d > 1 && lay.sharding.zero_stage() > 1 {
+        reasons.push(format!(
+            "{} pipeline stages with ZeRO-{}: this build runs ZeRO-1 inside each stage",
+            lay.p,
+            lay.sharding.zero_stage()
+        ));
     }
     if lay.sharding == Sharding::Replicated && matches!(c.sync.strategy, SyncStrategy::Diloco { .. }) {
         reasons.push("DiLoCo outer sync: this build reduces gradients every step".to_string());
@@ -132,13 +136,6 @@ fn executable(ctx: &Ctx, c: &Candidate) -> Executable {
     }
     if lay.offload {
         reasons.push("CPU offload: not implemented by this build's worker".to_string());
-    }
-    if c.m > 1 {
-        reasons.push(format!("{} micro-batches per step: this build runs each rank's share in one pass", c.m));
-    }
-    let (lo, hi) = (c.micro.iter().min().copied().unwrap_or(0), c.micro.iter().max().copied().unwrap_or(0));
-    if hi > lo + 1 {
-        reasons.push(format!("unequal micro-batches ({lo} to {hi} sequences): this build splits the batch evenly"));
     }
     Executable { ok: reasons.is_empty(), reasons }
 }

@@ -358,4 +358,14 @@ fn tiny_cpu_recipe_on_two_cpu_workers_is_executable() {
     let p = plan(&c, &m, &t).unwrap();
     assert!(p.executable.ok, "{:#?}", p.executable);
     assert_eq!((p.pipeline_degree, p.micro_batches, p.zero_stage), (1, 1, 1));
+    // The recipe section that runs it, and one that parses back.
+    assert_eq!(p.parallel_section(), "parallel:\n  zero_stage: 1\n");
+    let mut stages = p.clone();
+    stages.pipeline_degree = 2;
+    stages.micro_batches = 4;
+    let yaml = stages.parallel_section();
+    assert!(yaml.contains("pipeline_stages: 2") && yaml.contains("micro_batch_rows: [8, 8]"), "{yaml}");
+    let _: crate::recipe::ParallelSection = serde_yaml::from_str::<serde_yaml::Value>(&yaml)
+        .map(|v| serde_yaml::from_value(v["parallel"].clone()).unwrap())
+        .unwrap();
 }

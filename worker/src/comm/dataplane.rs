@@ -1,5 +1,7 @@
 //! The worker's data-plane listener: peers connect to it directly (never through the
-//! coordinator) and introduce themselves with a hello naming the job, attempt and their rank.
+//! coordinator) and introduce themselves with a hello naming the job, attempt, their rank and
+//! the channel (which of several links between the same two ranks this is: the world ring, a
+//! stage's data-parallel ring, a pipeline link, ...).
 //! Connections wait in a bounded table until the training thread of that job claims them.
 
 use anyhow::{Context, bail};
@@ -13,7 +15,8 @@ use swarm_sharding::{JobId, Rank};
 /// Connections accepted but not yet claimed; more are refused.
 const MAX_PENDING: usize = 64;
 const HELLO_MAGIC: u32 = 0x5357_524d; // "SWRM"
-const HELLO_VERSION: u32 = 1;
+const HELLO_VERSION: u32 = 2;
+const HELLO_BYTES: usize = 32;
 
 /// Who is on the other end of a data-plane connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,26 +24,28 @@ pub struct Hello {
     pub job: JobId,
     pub attempt: u64,
     pub from: Rank,
+    pub channel: u32,
 }
 
 impl Hello {
-    fn encode(&self) -> [u8; 28] {
-        let mut b = [0u8; 28];
+    fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut b = [0u8; HELLO_BYTES];
         b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&HELLO_VERSION.to_le_bytes());
         b[8..16].copy_from_slice(&self.job.0.to_le_bytes());
         b[16..24].copy_from_slice(&self.attempt.to_le_bytes());
         b[24..28].copy_from_slice(&self.from.0.to_le_bytes());
+        b[28..32].copy_from_slice(&self.channel.to_le_bytes());
         b
     }
 
-    fn decode(b: &[u8; 28]) -> anyhow::Result<Hello> {
+    fn decode(b: &[u8; HELLO_BYTES]) -> anyhow::Result<Hello> {
         let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let long = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         if word(0) != HELLO_MAGIC || word(4) != HELLO_VERSION {
             bail!("not a swarm data-plane peer (or another protocol version)");
         }
-        Ok(Hello { job: JobId(long(8)), attempt: long(16), from: Rank(word(24)) })
+        Ok(Hello { job: JobId(long(8)), attempt: long(16), from: Rank(word(24)), channel: word(28) })
     }
 }
 
@@ -67,7 +72,7 @@ impl DataPlane {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut buf = [0u8; 28];
+                let mut buf = [0u8; HELLO_BYTES];
                 let hello = conn.read_exact(&mut buf).map_err(anyhow::Error::from).and_then(|()| Hello::decode(&buf));
                 let Ok(hello) = hello else {
                     tracing::warn!("refused a data-plane connection: bad hello");
@@ -104,7 +109,13 @@ impl DataPlane {
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("{} of {} did not connect within {:?}", hello.from, hello.job, timeout);
+                bail!(
+                    "{} of {} did not connect (channel {}) within {:?}",
+                    hello.from,
+                    hello.job,
+                    hello.channel,
+                    timeout
+                );
             }
             p = cv.wait_timeout(p, deadline - now).expect("dataplane lock").0;
         }
@@ -136,7 +147,7 @@ mod tests {
 
     #[test]
     fn hello_round_trips() {
-        let h = Hello { job: JobId(7), attempt: 3, from: Rank(2) };
+        let h = Hello { job: JobId(7), attempt: 3, from: Rank(2), channel: 5 };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         let mut bad = h.encode();
         bad[0] ^= 1;
@@ -147,13 +158,17 @@ mod tests {
     fn connections_are_matched_by_hello() {
         let dp = DataPlane::bind("127.0.0.1:0").unwrap();
         let addr = dp.local_addr().to_string();
-        let h1 = Hello { job: JobId(1), attempt: 1, from: Rank(1) };
-        let h0 = Hello { job: JobId(1), attempt: 1, from: Rank(0) };
+        let h1 = Hello { job: JobId(1), attempt: 1, from: Rank(1), channel: 0 };
+        let h0 = Hello { job: JobId(1), attempt: 1, from: Rank(0), channel: 0 };
+        // A second link from the same rank, on another channel.
+        let h1b = Hello { channel: 2, ..h1 };
         let _a = connect(&addr, h1, Duration::from_secs(5)).unwrap();
         let _b = connect(&addr, h0, Duration::from_secs(5)).unwrap();
+        let _c = connect(&addr, h1b, Duration::from_secs(5)).unwrap();
         dp.accept_from(h0, Duration::from_secs(5)).unwrap();
+        dp.accept_from(h1b, Duration::from_secs(5)).unwrap();
         dp.accept_from(h1, Duration::from_secs(5)).unwrap();
         let e = dp.accept_from(h1, Duration::from_millis(50)).unwrap_err();
-        assert!(e.to_string().contains("rank1 of job-1 did not connect"), "{e}");
+        assert!(e.to_string().contains("rank1 of job-1 did not connect (channel 0)"), "{e}");
     }
 }

@@ -25,6 +25,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Aborter(Arc<Mutex<Vec<TcpStream>>>);
 
 impl Aborter {
+    /// Registers a socket to close on abort.
+    pub fn add(&self, s: TcpStream) {
+        self.0.lock().expect("aborter lock").push(s);
+    }
+
     pub fn abort(&self) {
         for s in self.0.lock().expect("aborter lock").iter() {
             let _ = s.shutdown(Shutdown::Both);
@@ -48,7 +53,8 @@ fn describe(p: &Peer) -> String {
 }
 
 impl Ring {
-    /// Connects rank `rank` to its neighbours. Rank r dials r+1 and accepts r-1.
+    /// Connects rank `rank` to its neighbours in the ring of all `peers` (channel 0): rank r
+    /// dials r+1 and accepts r-1.
     pub fn connect(
         dp: &DataPlane,
         job: JobId,
@@ -57,11 +63,25 @@ impl Ring {
         peers: &[Peer],
         aborter: &Aborter,
     ) -> anyhow::Result<Ring> {
+        Ring::connect_group(dp, job, attempt, 0, rank, peers, aborter)
+    }
+
+    /// Connects `rank` to its neighbours in the ring of `peers` (a group of the job's ranks, in
+    /// ring order, which must include `rank`) on data-plane channel `channel`. Position i dials
+    /// position i+1 and accepts position i-1.
+    pub fn connect_group(
+        dp: &DataPlane,
+        job: JobId,
+        attempt: u64,
+        channel: u32,
+        rank: Rank,
+        peers: &[Peer],
+        aborter: &Aborter,
+    ) -> anyhow::Result<Ring> {
         let world = peers.len();
-        let r = rank.0 as usize;
-        if r >= world {
-            bail!("{rank} is outside a group of {world}");
-        }
+        let Some(r) = peers.iter().position(|p| p.rank == rank) else {
+            bail!("{rank} is outside its group of {world}");
+        };
         let next_p = &peers[(r + 1) % world];
         let prev_p = &peers[(r + world - 1) % world];
         let mut ring = Ring {
@@ -76,10 +96,10 @@ impl Ring {
         if world == 1 {
             return Ok(ring);
         }
-        let next = connect(&next_p.data_addr, Hello { job, attempt, from: rank }, CONNECT_TIMEOUT)
+        let next = connect(&next_p.data_addr, Hello { job, attempt, from: rank, channel }, CONNECT_TIMEOUT)
             .with_context(|| format!("connecting to {}", ring.next_peer))?;
         let prev = dp
-            .accept_from(Hello { job, attempt, from: prev_p.rank }, CONNECT_TIMEOUT)
+            .accept_from(Hello { job, attempt, from: prev_p.rank, channel }, CONNECT_TIMEOUT)
             .with_context(|| format!("waiting for {}", ring.prev_peer))?;
         for s in [&next, &prev] {
             s.set_nodelay(true)?;
@@ -166,10 +186,21 @@ impl Ring {
 
     /// Given each rank's own chunk, fills in every other chunk of `buf`.
     pub fn all_gather(&mut self, buf: &mut [f32]) -> anyhow::Result<()> {
-        let (n, r, len) = (self.world, self.rank, buf.len());
+        let (n, len) = (self.world, buf.len());
+        let ranges: Vec<Range<usize>> = (0..n).map(|i| shard_range(len, n, i)).collect();
+        self.all_gather_ranges(buf, &ranges)
+    }
+
+    /// All-gather where position i of the ring contributes `ranges[i]` of `buf` (any ranges,
+    /// e.g. what each rank of a pipeline owns); afterwards every rank holds all of them.
+    pub fn all_gather_ranges(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> anyhow::Result<()> {
+        let (n, r) = (self.world, self.rank);
+        if ranges.len() != n {
+            bail!("all-gather: {} ranges for a ring of {n}", ranges.len());
+        }
         for k in 0..n.saturating_sub(1) {
-            let send = shard_range(len, n, (r + n - k) % n);
-            let recv = shard_range(len, n, (r + 2 * n - k - 1) % n);
+            let send = ranges[(r + n - k) % n].clone();
+            let recv = ranges[(r + 2 * n - k - 1) % n].clone();
             let got = self.exchange(&buf[send], recv.len())?;
             buf[recv].copy_from_slice(&got);
         }

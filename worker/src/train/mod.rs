@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+mod pipeline;
 use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::job::step_dir_name;
 use swarm_sharding::{Assignment, Manifest, Precision, ShardFile, Step, WorkerId};
@@ -47,6 +49,8 @@ pub struct StepStats {
     pub tokens: u64,
     pub compute_s: f64,
     pub comm_s: f64,
+    /// Time spent waiting for a neighbouring pipeline stage (the bubble), 0 without stages.
+    pub idle_s: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub peak_memory_bytes: u64,
@@ -199,8 +203,58 @@ fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
+/// The model and optimizer state a run starts from: a committed checkpoint (checked against the
+/// recipe), a Hugging Face directory, or the seed; with the step and data cursor to go on from.
+fn load_start(
+    a: &Assignment,
+    spec: &swarm_sharding::ModelSpec,
+    device: &Device,
+) -> anyhow::Result<(Llama, Option<checkpoint::FullOptimState>, Step, u64)> {
+    let t = &a.recipe.train;
+    let recipe = &a.recipe;
+    Ok(match &a.resume {
+        Some(rp) => {
+            let dir = Path::new(&rp.dir);
+            let manifest = read_manifest(dir)?;
+            let (old, new) = (&manifest.recipe.train, t);
+            if (old.seed, old.seq_len) != (new.seed, new.seq_len) {
+                bail!(
+                    "the checkpoint in {} was trained with train.seed = {} and train.seq_len = {}, the recipe now says {} and {}; the data order would change (samples repeated or skipped): resume with the same values",
+                    dir.display(),
+                    old.seed,
+                    old.seq_len,
+                    new.seed,
+                    new.seq_len
+                );
+            }
+            if manifest.recipe.spec() != Some(spec) {
+                bail!(
+                    "the checkpoint in {} has a different model shape than the recipe; resume with the recipe it was trained with",
+                    dir.display()
+                );
+            }
+            let (model, opt) = checkpoint::load(dir, &manifest, spec, device)?;
+            (model, Some(opt), manifest.step, manifest.data_cursor)
+        }
+        None => {
+            let model = match &recipe.model.hf_dir {
+                // Weights named by the recipe must load: never a silent random start.
+                Some(dir) => Llama::load(spec, dir, device).with_context(|| {
+                    format!("model.hf_dir = {}: cannot load its weights on this worker", dir.display())
+                })?,
+                None => Llama::init(spec, t.seed, device)?,
+            };
+            (model, None, Step(0), 0)
+        }
+    })
+}
+
 pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let recipe = &a.recipe;
+    let layout = recipe.stage_layout(a.world_size as usize).map_err(anyhow::Error::msg)?;
+    if layout.stages > 1 {
+        return pipeline::run(a, ctx, layout);
+    }
     let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
     let t = &recipe.train;
     let device: Device = crate::device::select(&ctx.device)?;
@@ -232,42 +286,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     }
     let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
 
-    // Model and optimizer state: from a committed checkpoint, a Hugging Face directory, or the seed.
-    let (mut model, resumed, start, mut cursor) = match &a.resume {
-        Some(rp) => {
-            let dir = Path::new(&rp.dir);
-            let manifest = read_manifest(dir)?;
-            let (old, new) = (&manifest.recipe.train, t);
-            if (old.seed, old.seq_len) != (new.seed, new.seq_len) {
-                bail!(
-                    "the checkpoint in {} was trained with train.seed = {} and train.seq_len = {}, the recipe now says {} and {}; the data order would change (samples repeated or skipped): resume with the same values",
-                    dir.display(),
-                    old.seed,
-                    old.seq_len,
-                    new.seed,
-                    new.seq_len
-                );
-            }
-            if manifest.recipe.spec() != Some(spec) {
-                bail!(
-                    "the checkpoint in {} has a different model shape than the recipe; resume with the recipe it was trained with",
-                    dir.display()
-                );
-            }
-            let (model, opt) = checkpoint::load(dir, &manifest, spec, &device)?;
-            (model, Some(opt), manifest.step, manifest.data_cursor)
-        }
-        None => {
-            let model = match &recipe.model.hf_dir {
-                // Weights named by the recipe must load: never a silent random start.
-                Some(dir) => Llama::load(spec, dir, &device).with_context(|| {
-                    format!("model.hf_dir = {}: cannot load its weights on this worker", dir.display())
-                })?,
-                None => Llama::init(spec, t.seed, &device)?,
-            };
-            (model, None, Step(0), 0)
-        }
-    };
+    let (mut model, resumed, start, mut cursor) = load_start(a, spec, &device)?;
     // f32 master weights, taken before the model moves to its compute dtype.
     let mut params = flatten_params(&model)?;
     let len = params.len();
@@ -556,6 +575,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
             tokens: (count * t.seq_len) as u64,
             compute_s,
             comm_s: comm,
+            idle_s: 0.0,
             lr,
             grad_norm: norm,
             peak_memory_bytes: peak_memory(&device),

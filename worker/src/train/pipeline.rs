@@ -1,0 +1,401 @@
+//! One rank of a pipeline-parallel job: a stage of consecutive layers, replicated over the
+//! stage's data-parallel group (ZeRO-1 inside it).
+//!
+//! - **Layout** (`StageLayout`): rank = stage × replicas + replica. The first stage holds the
+//!   embedding, the last the final norm and LM head (and, when the embedding is tied to the
+//!   head, a copy of it). Every stage's own parameters are a contiguous range of the model's
+//!   flat vector (`param_shapes` order is stage order), so the ranks' ZeRO shards partition it
+//!   exactly as without stages, and checkpoints keep their format.
+//! - **Schedule**: 1F1B over the replica's micro-batches. Stage s runs `stages − s − 1` forward
+//!   passes ahead, then alternates one forward and one backward, then drains the backward
+//!   passes. Activations go to the next stage and their gradients come back over direct links
+//!   (`comm::link`, channel [`NEXT`]); a stage's backward pass starts from the incoming gradient
+//!   `g` as the backward of `sum(out · g)`, whose gradient with respect to `out` is exactly `g`.
+//! - **Tied embeddings**: the last stage's copy of the embedding is not optimized there. Its
+//!   gradient goes to the first stage ([`TIED`] link), which adds it to the embedding's, updates,
+//!   and sends the new weights back.
+//! - **Step**: reduce-scatter of the stage's gradient in its group, the global norm summed over
+//!   every rank (the shards partition the model), AdamW on the shard, all-gather in the group.
+
+use super::{Report, StepStats, TrainContext, check_norm, decay_segments, flatten_params, load_start, peak_memory};
+use crate::checkpoint::{self, RankShard};
+use crate::comm::link::Link;
+use crate::comm::ring::Ring;
+use crate::data::{Dataset, SampleOrder, sample_rows};
+use crate::model::{Llama, param_shapes, split_windows};
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use swarm_kernels::{AdamW, adamw_step};
+use swarm_sharding::job::step_dir_name;
+use swarm_sharding::recipe::StageLayout;
+use swarm_sharding::{Assignment, Peer, Rank, Step};
+
+/// Data-plane channels of a pipeline job's links (the world ring is channel 0).
+const GROUP: u32 = 1;
+const NEXT: u32 = 2;
+const TIED: u32 = 3;
+
+/// The transformer layer a parameter name belongs to.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// A forward pass whose backward pass is still to come.
+struct InFlight {
+    /// The stage's input as a leaf (absent on the first stage, whose input is token ids).
+    input: Option<Var>,
+    /// The loss scaled by the micro-batch's share of the global batch (last stage), else the
+    /// stage's output.
+    out: Tensor,
+}
+
+pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) -> anyhow::Result<Step> {
+    let recipe = &a.recipe;
+    let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
+    let t = &recipe.train;
+    let device: Device = crate::device::select(&ctx.device)?;
+    let rank = a.rank.0 as usize;
+    let (stages, replicas) = (layout.stages, layout.replicas);
+    let (stage, replica) = (layout.stage_of(rank), layout.replica_of(rank));
+    let (first, last) = (stage == 0, stage + 1 == stages);
+    let tied = spec.tie_word_embeddings;
+    let my_layers = layout.layers[stage].clone();
+    let peer = |s: usize, r: usize| -> &Peer { &a.peers[layout.rank(s, r)] };
+    let name_of = |s: usize, r: usize| format!("{} ({})", peer(s, r).rank, layout.describe(layout.rank(s, r)));
+
+    let dataset = Dataset::open(&recipe.data.dataset)?;
+    if dataset.info().vocab_size as usize > spec.vocab_size {
+        bail!(
+            "data.dataset has a vocabulary of {}, more than the model's {}",
+            dataset.info().vocab_size,
+            spec.vocab_size
+        );
+    }
+    let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
+
+    // The whole model is built (or loaded) and every other stage's parameters dropped, so the
+    // weights are those one process would have.
+    let (mut model, resumed, start, mut cursor) = load_start(a, spec, &device)?;
+    let keep = |name: &str| match layer_of(name) {
+        Some(l) => my_layers.contains(&l),
+        None if name == "model.embed_tokens.weight" => first || (last && tied),
+        None => last,
+    };
+    model.retain(keep);
+    // The stage's own range of the flat vector; the last stage's tied copy is not in it.
+    let total: usize = param_shapes(spec).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let stage_range = stage_range(spec, &layout, stage)?;
+    let tied_len = if last && tied && !first { spec.vocab_size * spec.hidden_size } else { 0 };
+    let mut params = flatten_params(&model)?.split_off(tied_len);
+    if params.len() != stage_range.len() {
+        bail!("stage {stage}: {} parameters where its range holds {}", params.len(), stage_range.len());
+    }
+    let dtype = super::compute_dtype(t.precision, &device);
+    model.cast(dtype)?;
+
+    // Links: every rank in a ring (the norm, checkpoints), the stage's group, the neighbours.
+    let mut world = Ring::connect(&ctx.data_plane, a.job, a.attempt, a.rank, &a.peers, &ctx.aborter)?;
+    let group_peers: Vec<Peer> = (0..replicas).map(|r| peer(stage, r).clone()).collect();
+    let mut group = Ring::connect_group(&ctx.data_plane, a.job, a.attempt, GROUP, a.rank, &group_peers, &ctx.aborter)?;
+    let link = |s: usize, ch: u32| {
+        Link::connect(
+            &ctx.data_plane,
+            a.job,
+            a.attempt,
+            ch,
+            a.rank,
+            peer(s, replica),
+            name_of(s, replica),
+            &ctx.aborter,
+        )
+    };
+    // Lower stages dial, so connecting in stage order cannot deadlock.
+    let mut prev = if first { None } else { Some(link(stage - 1, NEXT)?) };
+    let mut next = if last { None } else { Some(link(stage + 1, NEXT)?) };
+    let mut tied_link = match (tied && stages > 1, first, last) {
+        (true, true, _) => Some(link(stages - 1, TIED)?),
+        (true, _, true) => Some(link(0, TIED)?),
+        _ => None,
+    };
+    let own = group.own_range(params.len());
+    let own_global = stage_range.start + own.start..stage_range.start + own.end;
+    // The replicas of a stage must start from the same weights.
+    let local: f64 = params.iter().map(|x| f64::from(*x)).sum();
+    let sums = group.all_reduce_small(&[local, 1.0])?;
+    if (sums[0] - local * sums[1]).abs() > 1e-9 * (local.abs() * sums[1]).max(1.0) {
+        bail!("the replicas of stage {stage} of {} start from different weights", a.job);
+    }
+    let (mut m, mut v, mut adam_step) = match resumed {
+        Some(o) => (o.exp_avg[own_global.clone()].to_vec(), o.exp_avg_sq[own_global.clone()].to_vec(), o.adam_step),
+        None => (vec![0f32; own.len()], vec![0f32; own.len()], 0),
+    };
+    // Decay segments of the stage's own parameters (the tied copy skipped), within the shard.
+    let mut seg_off = 0;
+    let decay: Vec<(Range<usize>, bool)> = decay_segments(&model)
+        .into_iter()
+        .filter_map(|(r, d)| {
+            if r.end <= tied_len {
+                return None;
+            }
+            let r = r.start - tied_len..r.end - tied_len;
+            seg_off = r.end;
+            let (s, e) = (r.start.max(own.start), r.end.min(own.end));
+            (s < e).then(|| (s - own.start..e - own.start, d))
+        })
+        .collect();
+    debug_assert_eq!(seg_off, params.len());
+    let (offset, count) = (a.share.offset, a.share.count);
+    let micro = recipe.micro_batch_rows(replica, count);
+    let pieces: Vec<Range<usize>> = (0..count).step_by(micro).map(|s| s..(s + micro).min(count)).collect();
+    let mb = pieces.len();
+    let warmup = (stages - stage - 1).min(mb);
+    let (h, seq) = (spec.hidden_size, t.seq_len);
+    tracing::info!(job = %a.job, rank = %a.rank, stage, replica, layers = ?my_layers, params = params.len(), own = own.len(), micro_batches = mb, "training a pipeline stage");
+
+    let bytes = |world: &Ring, group: &Ring, links: [&Option<Link>; 3]| {
+        world.bytes_sent()
+            + group.bytes_sent()
+            + links.iter().map(|l| l.as_ref().map_or(0, Link::bytes_sent)).sum::<u64>()
+    };
+    let mut sent_before = bytes(&world, &group, [&prev, &next, &tied_link]);
+    for step_no in start.0 + 1..=t.steps {
+        let step = Step(step_no);
+        if ctx.cancel.load(Ordering::Relaxed) {
+            bail!("cancelled at {step}");
+        }
+        let t0 = Instant::now();
+        let rows = sample_rows(&mut order, cursor + offset as u64, count);
+        let lr = recipe.lr_at(step_no);
+        let mut idle = 0.0;
+        let mut loss_sum: Option<Tensor> = None;
+        let mut grad: Option<Vec<f32>> = None;
+        let mut flight: std::collections::VecDeque<InFlight> = Default::default();
+        // 1F1B: `warmup` forward passes, then one forward and one backward, then the rest.
+        let mut ops: Vec<(bool, usize)> = (0..warmup).map(|i| (true, i)).collect();
+        for i in 0..mb - warmup {
+            ops.push((true, warmup + i));
+            ops.push((false, i));
+        }
+        ops.extend((mb - warmup..mb).map(|i| (false, i)));
+        for (forward, i) in ops {
+            let piece = pieces[i].clone();
+            let len = piece.len();
+            if forward {
+                let windows = if first || last {
+                    let mut tokens = Vec::with_capacity(len * (seq + 1));
+                    for &w in &rows[piece.clone()] {
+                        tokens.extend(dataset.window(w, seq));
+                    }
+                    Some(split_windows(&Tensor::from_vec(tokens, (len, seq + 1), &device)?)?)
+                } else {
+                    None
+                };
+                let (input, x) = match &mut prev {
+                    None => (None, model.embed(&windows.as_ref().context("first stage")?.0)?),
+                    Some(p) => {
+                        let tw = Instant::now();
+                        let got = p.recv(len * seq * h)?;
+                        idle += tw.elapsed().as_secs_f64();
+                        let x = Var::from_tensor(&Tensor::from_vec(got, (len, seq, h), &device)?.to_dtype(dtype)?)?;
+                        let t = x.as_tensor().clone();
+                        (Some(x), t)
+                    }
+                };
+                let out = model.layers(x, my_layers.clone())?;
+                let out = match &mut next {
+                    None => {
+                        let loss = model.head_loss(&out, &windows.as_ref().context("last stage")?.1)?;
+                        let part = (loss.detach() * (len as f64 / count as f64))?;
+                        loss_sum = Some(match loss_sum {
+                            Some(l) => (l + part)?,
+                            None => part,
+                        });
+                        (&loss * (len as f64 / t.global_batch as f64))?
+                    }
+                    Some(n) => {
+                        n.send(&out.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                        out
+                    }
+                };
+                flight.push_back(InFlight { input, out });
+            } else {
+                let f = flight.pop_front().context("1F1B: a backward pass with no forward pass")?;
+                let root = match &mut next {
+                    None => f.out,
+                    Some(n) => {
+                        let tw = Instant::now();
+                        let g = n.recv(len * seq * h)?;
+                        idle += tw.elapsed().as_secs_f64();
+                        let g = Tensor::from_vec(g, (len, seq, h), &device)?.to_dtype(dtype)?;
+                        (&f.out * &g)?.sum_all()?
+                    }
+                };
+                let grads = root.backward()?;
+                let g = super::flat_grads(&model, &grads)?;
+                match &mut grad {
+                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                    None => grad = Some(g),
+                }
+                if let (Some(p), Some(x)) = (&mut prev, &f.input) {
+                    let gx = grads.get(x.as_tensor()).context("no gradient reached the stage's input")?;
+                    p.send(&gx.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                }
+            }
+        }
+        let mut grad = grad.context("a step with no micro-batches")?;
+        let busy = t0.elapsed().as_secs_f64() - idle;
+        // The tied embedding: the last stage's share of its gradient joins the first stage's.
+        let t1 = Instant::now();
+        if let Some(tl) = &mut tied_link {
+            if last && !first {
+                tl.send(&grad[..tied_len])?;
+                grad.drain(..tied_len);
+            } else {
+                let n = spec.vocab_size * h;
+                let other = tl.recv(n)?;
+                grad[..n].iter_mut().zip(other).for_each(|(a, b)| *a += b);
+            }
+        }
+        let r = group.reduce_scatter(&mut grad)?;
+        let g = &mut grad[r];
+        let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+        let norm = world.all_reduce_small(&[sumsq])?[0].sqrt();
+        let mut comm = t1.elapsed().as_secs_f64();
+        check_norm(norm, step)?;
+        if t.grad_clip > 0.0 && norm > t.grad_clip {
+            let c = (t.grad_clip / norm) as f32;
+            g.iter_mut().for_each(|x| *x *= c);
+        }
+        adam_step += 1;
+        let p_own = &mut params[own.clone()];
+        for (r, decays) in &decay {
+            let cfg = AdamW {
+                lr,
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: if *decays { t.weight_decay } else { 0.0 },
+            };
+            adamw_step(&cfg, adam_step, &mut p_own[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
+        }
+        let t3 = Instant::now();
+        group.all_gather(&mut params)?;
+        if let Some(tl) = &mut tied_link {
+            if first {
+                tl.send(&params[..spec.vocab_size * h])?;
+            } else {
+                let w = tl.recv(tied_len)?;
+                let p = &model.params[0];
+                p.var.set(&Tensor::from_vec(w, p.var.shape(), &device)?.to_dtype(dtype)?)?;
+            }
+        }
+        comm += t3.elapsed().as_secs_f64();
+        write_params(&model, tied_len, &params)?;
+        cursor += t.global_batch as u64;
+        let loss_value = match &loss_sum {
+            Some(l) => f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?),
+            None => 0.0,
+        };
+        let sent = bytes(&world, &group, [&prev, &next, &tied_link]);
+        (ctx.report)(Report::Step(StepStats {
+            step,
+            loss: loss_value,
+            // Only the last stage's tokens count: they are the tokens the loss is over.
+            tokens: if last { (count * seq) as u64 } else { 0 },
+            compute_s: busy,
+            comm_s: comm,
+            idle_s: idle,
+            lr,
+            grad_norm: norm,
+            peak_memory_bytes: peak_memory(&device),
+            bytes_sent: sent - sent_before,
+        }))?;
+        sent_before = sent;
+
+        if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
+            // Every rank's own range, gathered so that rank 0 can write the whole model.
+            let mut full = vec![0f32; total];
+            full[own_global.clone()].copy_from_slice(&params[own.clone()]);
+            let ranges: Vec<Range<usize>> =
+                (0..a.peers.len()).map(|r| owned_range(spec, &layout, r)).collect::<anyhow::Result<_>>()?;
+            if ranges[rank] != own_global {
+                bail!("rank {rank}: owns {own_global:?} but the layout gives {:?}", ranges[rank]);
+            }
+            world.all_gather_ranges(&mut full, &ranges)?;
+            let dir = recipe.checkpoint.dir.join(step_dir_name(step));
+            let files = checkpoint::write_rank(
+                &dir,
+                spec,
+                &dataset.tokenizer_path(),
+                &RankShard {
+                    rank: Rank(rank as u32),
+                    world: a.world_size,
+                    params: &full,
+                    range: own_global.clone(),
+                    exp_avg: &m,
+                    exp_avg_sq: &v,
+                    adam_step,
+                },
+            )?;
+            let rng_state =
+                format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
+            (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })?;
+        }
+    }
+    Ok(Step(t.steps))
+}
+
+/// Writes the stage's parameter vector into the model (after its first `skip` values' worth
+/// of parameters: the tied copy, which the first stage sends).
+fn write_params(model: &Llama, skip: usize, flat: &[f32]) -> anyhow::Result<()> {
+    let mut off = 0;
+    let mut seen = 0;
+    for p in &model.params {
+        let n = p.var.elem_count();
+        if seen < skip {
+            seen += n;
+            continue;
+        }
+        let t = Tensor::from_slice(&flat[off..off + n], p.var.shape(), model.device())?.to_dtype(model.dtype())?;
+        p.var.set(&t)?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// The range of the flat parameter vector that stage `stage` owns (and optimizes): its layers,
+/// the embedding on the first stage, the final norm and an untied LM head on the last.
+fn stage_range(spec: &swarm_sharding::ModelSpec, layout: &StageLayout, stage: usize) -> anyhow::Result<Range<usize>> {
+    let layers = layout.layers[stage].clone();
+    let (first, last) = (stage == 0, stage + 1 == layout.stages);
+    let mut off = 0;
+    let mut range: Option<Range<usize>> = None;
+    for (name, shape) in param_shapes(spec) {
+        let n: usize = shape.iter().product();
+        let mine = match layer_of(&name) {
+            Some(l) => layers.contains(&l),
+            None if name == "model.embed_tokens.weight" => first,
+            None => last,
+        };
+        if mine {
+            range = Some(match range {
+                Some(r) if r.end == off => r.start..off + n,
+                Some(r) => bail!("stage {stage}'s parameters are not contiguous at {name} (after {r:?})"),
+                None => off..off + n,
+            });
+        }
+        off += n;
+    }
+    range.context("a pipeline stage with no parameters")
+}
+
+/// The range of the flat parameter vector that rank `rank` owns: its ZeRO shard of its stage's
+/// range.
+fn owned_range(spec: &swarm_sharding::ModelSpec, layout: &StageLayout, rank: usize) -> anyhow::Result<Range<usize>> {
+    let r = stage_range(spec, layout, layout.stage_of(rank))?;
+    let s = swarm_sharding::plan::shard_range(r.len(), layout.replicas, layout.replica_of(rank));
+    Ok(r.start + s.start..r.start + s.end)
+}
