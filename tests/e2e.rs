@@ -262,10 +262,23 @@ fn two_pipeline_stages_train_the_same_model_as_one_worker() {
     matches_one_worker("2 pipeline stages", &pp, MICRO_MAX_ABS, MICRO_MAX_REL);
     // The pipeline itself adds no arithmetic: one worker with the same micro-batches computes
     // the same bits.
-    identical_runs(
-        "2 pipeline stages vs 1 worker, both with micro-batches of 2",
-        &pp,
-        &run_parallel("mb2", 1, "micro_batch_rows: [2]", ""),
+    let mb2 = run_parallel("mb2", 1, "micro_batch_rows: [2]", "");
+    identical_runs("2 pipeline stages vs 1 worker, both with micro-batches of 2", &pp, &mb2);
+    // A pipeline checkpoint is an ordinary one: resumed at step 10 on one worker, the run ends
+    // on the same bits.
+    let r = scratch().join("pp2/recipe.yaml");
+    for s in [15, 20] {
+        std::fs::remove_dir_all(pp.0.join(format!("step-{s:06}"))).unwrap();
+    }
+    let one = r.with_file_name("one-worker.yaml");
+    std::fs::write(&one, std::fs::read_to_string(&r).unwrap().replace("pipeline_stages: 2, ", "")).unwrap();
+    let resumed = train_json(&one, 1, true);
+    assert_eq!(resumed["start_step"], 10);
+    assert_eq!(losses(&resumed), losses(&mb2.1)[10..], "2 stages resumed at step 10 on 1 worker: losses");
+    let last = format!("step-{STEPS:06}/model.safetensors");
+    assert!(
+        read_params(&pp.0.join(&last)) == read_params(&mb2.0.join(&last)),
+        "resumed on 1 worker: parameters differ"
     );
     // A tied LM head: the last stage's gradient for it goes to the first stage, which updates
     // the embedding and sends it back. The tied gradient is summed in another order than in one
@@ -457,13 +470,14 @@ fn start_worker(addr: &str, name: &str) -> std::process::Child {
         .unwrap()
 }
 
-/// SIGKILL one worker mid-job: the job fails within seconds, naming the lost worker; nothing hangs.
+/// SIGKILL one worker mid-job (two pipeline stages, so the survivor is waiting on a link to
+/// it): the job fails within seconds, naming the lost worker and its stage; nothing hangs.
 #[test]
 fn killing_a_worker_fails_the_job_quickly_and_names_it() {
     let (up, addr) = start_coordinator(&scratch().join("kill-state"));
     let mut victim = start_worker(&addr, "victim");
     let other = start_worker(&addr, "survivor");
-    let r = recipe("kill-worker", "");
+    let r = parallel_recipe("kill-worker", "pipeline_stages: 2, micro_batch_rows: [2]", "");
     let yaml = std::fs::read_to_string(&r).unwrap().replace("steps: 20,", "steps: 100000,");
     std::fs::write(&r, yaml).unwrap();
     let mut train = Command::new(BIN)
@@ -491,7 +505,7 @@ fn killing_a_worker_fails_the_job_quickly_and_names_it() {
     let out = train.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!status.success());
-    assert!(err.contains("victim") && err.contains("failed"), "{err}");
+    assert!(err.contains("victim") && err.contains("failed") && err.contains("of 2"), "{err}");
     eprintln!("failed {:?} after the kill: {}", killed_at.elapsed(), err.trim());
     // The survivor is free again and the coordinator still answers.
     let o = swarm(&["status", "--coordinator", &addr, "--json"]);

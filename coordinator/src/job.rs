@@ -59,6 +59,12 @@ pub struct Job {
     /// Data-plane bytes all ranks sent, summed over the steps reported since `start_step`.
     #[serde(default)]
     pub bytes_sent: u64,
+    /// Per rank: seconds computed, and waited on a neighbouring pipeline stage (the bubble),
+    /// summed over the steps reported since `start_step`.
+    #[serde(default)]
+    pub compute_s: Vec<f64>,
+    #[serde(default)]
+    pub idle_s: Vec<f64>,
     /// Mean loss of every finished step since `start_step` (index 0 is step `start_step + 1`).
     #[serde(default)]
     pub losses: Vec<f64>,

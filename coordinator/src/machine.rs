@@ -49,6 +49,9 @@ pub struct StepReport {
     pub peak_memory_bytes: u64,
     /// Data-plane bytes the rank sent in this step.
     pub bytes_sent: u64,
+    /// Seconds the rank computed, and waited on a neighbouring pipeline stage, in this step.
+    pub compute_s: f64,
+    pub idle_s: f64,
 }
 
 /// One rank's checkpoint, written and checksummed.
@@ -382,6 +385,8 @@ impl Coordinator {
                 tokens_per_s: 0.0,
                 peak_memory_bytes: 0,
                 bytes_sent: 0,
+                compute_s: Vec::new(),
+                idle_s: Vec::new(),
                 losses: Vec::new(),
                 committed: Vec::new(),
                 submitted_unix_ms: now_ms,
@@ -472,6 +477,13 @@ impl Coordinator {
         agg.tokens += r.tokens;
         j.peak_memory_bytes = j.peak_memory_bytes.max(r.peak_memory_bytes);
         j.bytes_sent += r.bytes_sent;
+        let n = j.workers.len();
+        for (sum, v) in [(&mut j.compute_s, r.compute_s), (&mut j.idle_s, r.idle_s)] {
+            sum.resize(n, 0.0);
+            if let Some(x) = sum.get_mut(r.rank.0 as usize) {
+                *x += v;
+            }
+        }
         if agg.ranks.len() == world {
             let agg = j.progress.steps.remove(&r.step).expect("present");
             let loss = agg.loss_x_tokens / agg.tokens.max(1) as f64;
@@ -582,7 +594,13 @@ impl Coordinator {
             && j.state == JobState::Running
         {
             let rank = j.rank_of(w).map(|r| r.to_string()).unwrap_or_else(|| "?".into());
-            let reason = format!("worker {w} ({}, {rank}) was lost: {why}", entry.name);
+            // With pipeline stages, which part of the model went with it.
+            let stage = j
+                .rank_of(w)
+                .zip(j.recipe.stage_layout(j.workers.len()).ok().filter(|l| l.stages > 1))
+                .map(|(r, l)| format!(", {}", l.describe(r.0 as usize)))
+                .unwrap_or_default();
+            let reason = format!("worker {w} ({}, {rank}{stage}) was lost: {why}", entry.name);
             self.fail_job(job, reason, cmds);
         }
     }

@@ -102,6 +102,8 @@ pub fn step_report_from_proto(r: &pb::StepReport) -> StepReport {
         tokens: r.tokens,
         peak_memory_bytes: r.peak_memory_bytes,
         bytes_sent: r.bytes_sent,
+        compute_s: r.compute_s,
+        idle_s: r.idle_s,
     }
 }
 
@@ -150,6 +152,8 @@ pub fn job_to_proto(j: &Job) -> pb::JobStatus {
         tokens_per_s: j.tokens_per_s,
         peak_memory_bytes: j.peak_memory_bytes,
         bytes_sent: j.bytes_sent,
+        compute_s: j.compute_s.clone(),
+        idle_s: j.idle_s.clone(),
         last_checkpoint_step: last.map_or(0, |p| p.step.0),
         last_checkpoint_dir: last.map(|p| p.dir.clone()).unwrap_or_default(),
         first_loss: j.first_loss.unwrap_or(f64::NAN),

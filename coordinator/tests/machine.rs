@@ -92,6 +92,8 @@ fn job_waits_for_workers_then_runs_to_success() {
                         tokens: 100,
                         peak_memory_bytes: 1000 + r as u64,
                         bytes_sent: 10 + r as u64,
+                        compute_s: 1.0,
+                        idle_s: 0.25,
                     }),
                 )
                 .unwrap();
@@ -100,6 +102,8 @@ fn job_waits_for_workers_then_runs_to_success() {
         assert_eq!(c.job(job).unwrap().step, Step(step));
         assert_eq!(c.job(job).unwrap().loss, Some(2.5), "token-weighted mean of 2 and 3");
         assert_eq!(c.job(job).unwrap().bytes_sent, 21 * step, "bytes of every rank and step, summed");
+        let j = c.job(job).unwrap();
+        assert_eq!((j.compute_s.clone(), j.idle_s.clone()), (vec![step as f64; 2], vec![0.25 * step as f64; 2]));
     }
     let out = c.step(300, ckpt(job, ws[0], 0, 2)).unwrap();
     assert!(
@@ -209,6 +213,8 @@ fn reports_from_strangers_are_rejected() {
             tokens: 1,
             peak_memory_bytes: 0,
             bytes_sent: 0,
+            compute_s: 0.0,
+            idle_s: 0.0,
         }),
     );
     assert!(e.is_err());
@@ -231,6 +237,8 @@ fn non_finite_loss_fails_the_job() {
                 tokens: 1,
                 peak_memory_bytes: 0,
                 bytes_sent: 0,
+                compute_s: 0.0,
+                idle_s: 0.0,
             }),
         )
         .unwrap();

@@ -48,6 +48,29 @@ struct Row {
     peak_memory_bytes: u64,
     /// Data-plane bytes one rank sent per step, averaged over every rank and step.
     bytes_per_step: f64,
+    /// Pipeline stages and micro-batches per step.
+    stages: usize,
+    micro_batches: usize,
+    /// Per stage: seconds of work per step (forward, backward, sends), and seconds in the 1F1B
+    /// schedule per step (work plus waiting on a neighbour), each the mean over the replicas.
+    stage_busy: Vec<f64>,
+    stage_span: Vec<f64>,
+}
+
+/// The pipeline bubble as the planner defines it: the schedule's time beyond `m` micro-batches
+/// of the slowest stage, over the schedule's time. Measured: from each stage's time in the
+/// schedule. Predicted: the planner's 1F1B formula (fill and drain cost the sum of the stages,
+/// then the slowest paces) fed with the measured per-stage times, `(Σt − t_max) / (Σt + (m − 1) t_max)`,
+/// which is `(p − 1) / (m + p − 1)` for equal stages.
+fn bubble(r: &Row) -> Option<(f64, f64)> {
+    if r.stages < 2 || r.stage_busy.is_empty() {
+        return None;
+    }
+    let m = r.micro_batches as f64;
+    let t: Vec<f64> = r.stage_busy.iter().map(|b| b / m).collect();
+    let (sum, tmax) = (t.iter().sum::<f64>(), t.iter().copied().fold(0.0, f64::max));
+    let span = r.stage_span.iter().copied().fold(0.0, f64::max);
+    Some(((span - m * tmax) / span, (sum - tmax) / (sum + (m - 1.0) * tmax)))
 }
 
 pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
@@ -106,6 +129,18 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             final_loss: status.loss,
             peak_memory_bytes: status.peak_memory_bytes,
             bytes_per_step: status.bytes_sent as f64 / (a.steps * n as u64) as f64,
+            stages: recipe.parallel.pipeline_stages,
+            micro_batches: {
+                let share = recipe.batch_shares(n).map_err(anyhow::Error::msg)?[0].count;
+                share.div_ceil(recipe.micro_batch_rows(0, share))
+            },
+            stage_busy: per_stage(&recipe, n, &status.compute_s, a.steps)?,
+            stage_span: per_stage(
+                &recipe,
+                n,
+                &status.compute_s.iter().zip(&status.idle_s).map(|(c, i)| c + i).collect::<Vec<_>>(),
+                a.steps,
+            )?,
         });
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -119,11 +154,12 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     // gradient plus an all-gather of the f32 parameters, (n - 1) / n of the model each.
     let model_bytes = 4.0 * spec.param_count() as f64;
     let formula = |r: &Row| 2.0 * (r.nodes as f64 - 1.0) / r.nodes as f64 * model_bytes;
-    let ratio = |r: &Row| (r.nodes > 1).then(|| r.bytes_per_step / formula(r));
+    // The formula is data parallelism's; a pipeline's links carry activations instead.
+    let ratio = |r: &Row| (r.nodes > 1 && r.stages == 1).then(|| r.bytes_per_step / formula(r));
     if a.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r)}))
+            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r), "pipeline_stages": r.stages, "micro_batches": r.micro_batches, "stage_busy_s": r.stage_busy, "stage_span_s": r.stage_span, "bubble": bubble(r).map(|b| b.0), "bubble_predicted": bubble(r).map(|b| b.1)}))
             .collect();
         println!(
             "{}",
@@ -152,7 +188,25 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}-+-{:-<10}-+-{:-<7}",
         "", "", "", "", "", "", "", "", "", ""
     );
+    if rows.iter().any(|r| r.stages > 1) {
+        println!(
+            "bubble = schedule time beyond m micro-batches of the slowest stage / schedule time; predicted by the planner's 1F1B formula from the measured stage times"
+        );
+    }
     for r in &rows {
+        if let Some((measured, predicted)) = bubble(r) {
+            let ms: Vec<String> = r.stage_busy.iter().map(|b| format!("{:.1}", b * 1e3)).collect();
+            println!(
+                "{:>6} | {} stages ({} ms of work per step), {} micro-batches: bubble {:.1}% measured, {:.1}% predicted ({:.1}% for equal stages)",
+                r.nodes,
+                r.stages,
+                ms.join(" / "),
+                r.micro_batches,
+                100.0 * measured,
+                100.0 * predicted,
+                100.0 * (r.stages - 1) as f64 / (r.micro_batches + r.stages - 1) as f64
+            );
+        }
         println!(
             "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>7} | {:>9.2} | {:>10.4} | {:>10.3} | {:>7}",
             r.nodes,
@@ -168,4 +222,18 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mean over each stage's replicas of `per_rank` (sums over `steps` steps), per step.
+fn per_stage(recipe: &swarm_sharding::Recipe, nodes: usize, per_rank: &[f64], steps: u64) -> anyhow::Result<Vec<f64>> {
+    if per_rank.len() != nodes {
+        return Ok(Vec::new());
+    }
+    let layout = recipe.stage_layout(nodes).map_err(anyhow::Error::msg)?;
+    Ok((0..layout.stages)
+        .map(|s| {
+            (0..layout.replicas).map(|r| per_rank[layout.rank(s, r)]).sum::<f64>()
+                / (layout.replicas as f64 * steps as f64)
+        })
+        .collect())
 }

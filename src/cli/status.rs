@@ -37,6 +37,8 @@ pub fn job_json(j: &pb::JobStatus) -> serde_json::Value {
         "losses_first_step": j.losses_first_step,
         "peak_memory_bytes": j.peak_memory_bytes,
         "bytes_sent": j.bytes_sent,
+        "compute_s": j.compute_s,
+        "idle_s": j.idle_s,
         "losses": j.losses.iter().map(|l| finite(*l)).collect::<Vec<_>>(),
     })
 }
