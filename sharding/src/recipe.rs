@@ -290,7 +290,7 @@ fn default_zero() -> u8 {
 }
 
 /// ZeRO stages this build can execute.
-pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1, 2];
+pub const SUPPORTED_ZERO_STAGES: &[u8] = &[1, 2, 3];
 
 impl Recipe {
     /// Each of `nodes` data-parallel ranks' rows of every global batch: `parallel.rows_per_worker`
@@ -477,8 +477,8 @@ impl Recipe {
             return Err(err(
                 "parallel.zero_stage",
                 self.parallel.zero_stage,
-                "is not supported by this build (it runs ZeRO-1 and ZeRO-2)",
-                "use parallel.zero_stage: 1 or 2",
+                "is not supported (stages are 1, 2 and 3)",
+                "use parallel.zero_stage: 1, 2 or 3",
             ));
         }
         if let Some(rows) = &self.parallel.rows_per_worker {
@@ -731,8 +731,8 @@ checkpoint: { dir: c, every: 5 }
             let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ micro_batch_rows: {mb} }}\n")).unwrap_err();
             assert!(e.starts_with("parallel.micro_batch_rows") && e.contains("each at least 1"), "{mb}: {e}");
         }
-        let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ zero_stage: 3 }}\n")).unwrap_err();
-        assert!(e.starts_with("parallel.zero_stage") && e.contains("1 or 2"), "{e}");
+        let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ zero_stage: 4 }}\n")).unwrap_err();
+        assert!(e.starts_with("parallel.zero_stage") && e.contains("1, 2 or 3"), "{e}");
     }
 
     #[test]

@@ -289,6 +289,22 @@ impl Llama {
         self.head_loss(&x, &targets)
     }
 
+    /// A model holding only `tensors` (a ZeRO-3 unit's parameters, gathered), in `dtype`.
+    pub fn from_parts(
+        spec: &ModelSpec,
+        tensors: Vec<(String, Tensor)>,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Llama> {
+        let mut params = Vec::with_capacity(tensors.len());
+        let mut index = HashMap::new();
+        for (name, t) in tensors {
+            index.insert(name.clone(), params.len());
+            params.push(Param { name, var: Var::from_tensor(&t.to_dtype(dtype)?)? });
+        }
+        Ok(Llama { spec: spec.clone(), params, index, device: device.clone(), dtype })
+    }
+
     /// Keeps only the parameters `keep` names (a pipeline stage's), in their order.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.params.retain(|p| keep(&p.name));

@@ -126,7 +126,7 @@ fn executable(ctx: &Ctx, c: &Candidate) -> Executable {
     if lay.sharding == Sharding::Replicated && matches!(c.sync.strategy, SyncStrategy::Diloco { .. }) {
         reasons.push("DiLoCo outer sync: this build reduces gradients every step".to_string());
     } else if lay.d > 1 && !SUPPORTED_ZERO_STAGES.contains(&lay.sharding.zero_stage()) {
-        reasons.push(format!("ZeRO-{}: this build runs ZeRO-1 and ZeRO-2 only", lay.sharding.zero_stage()));
+        reasons.push(format!("ZeRO-{}: this build runs ZeRO-1, 2 and 3 only", lay.sharding.zero_stage()));
     }
     if !matches!(ctx.train.mode, TrainMode::Full) {
         reasons.push(format!("{}: this build's worker trains every weight", ctx.train.mode.name()));

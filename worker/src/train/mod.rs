@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 mod pipeline;
+mod zero3;
 use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::job::step_dir_name;
 use swarm_sharding::{Assignment, Manifest, Precision, ShardFile, Step, WorkerId};
@@ -254,6 +255,9 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
     let layout = recipe.stage_layout(a.world_size as usize).map_err(anyhow::Error::msg)?;
     if layout.stages > 1 {
         return pipeline::run(a, ctx, layout);
+    }
+    if recipe.parallel.zero_stage == 3 && a.world_size > 1 {
+        return zero3::run(a, ctx);
     }
     let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
     let t = &recipe.train;
