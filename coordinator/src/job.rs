@@ -85,6 +85,10 @@ pub struct Progress {
     pub commit_in_flight: BTreeSet<Step>,
     /// When the previous step completed, for tokens/s.
     pub last_step_done_ms: Option<u64>,
+    /// A rank's failure held back until this time (ms), in case a worker of the job is found
+    /// lost meanwhile: its peers' errors ("connection reset by rank 1") are symptoms, the lost
+    /// worker the cause.
+    pub pending_failure: Option<(u64, String)>,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -9,6 +9,10 @@ use swarm_sharding::{
     Assignment, DeviceInfo, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step, WorkerId,
 };
 
+/// How long a rank's failure in a group waits for a lost worker to explain it (ms): a killed
+/// worker's closed stream is seen within milliseconds, its peers' socket errors as fast.
+pub const FAILURE_GRACE_MS: u64 = 1_500;
+
 /// Timing of membership.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -280,6 +284,15 @@ impl Coordinator {
                     let why = format!("no heartbeat for over {} ms", self.config.lease_ms);
                     self.lose_worker(w, &why, &mut cmds);
                 }
+                let due: Vec<(JobId, String)> = self
+                    .jobs
+                    .values_mut()
+                    .filter(|j| j.progress.pending_failure.as_ref().is_some_and(|(at, _)| *at <= now_ms))
+                    .filter_map(|j| j.progress.pending_failure.take().map(|(_, r)| (j.id, r)))
+                    .collect();
+                for (job, reason) in due {
+                    self.fail_job(job, reason, &mut cmds);
+                }
                 self.start_waiting_jobs(&mut cmds);
                 Reply::Done
             }
@@ -321,7 +334,14 @@ impl Coordinator {
                 }
                 if !ok {
                     let name = self.workers.get(&worker).map(|e| e.name.clone()).unwrap_or_default();
-                    self.fail_job(job, format!("{worker} ({name}, {rank}) failed: {error}"), &mut cmds);
+                    let reason = format!("{worker} ({name}, {rank}) failed: {error}");
+                    let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+                    if j.workers.len() > 1 && j.state == JobState::Running {
+                        // The first failure of a group is held briefly (see `pending_failure`).
+                        j.progress.pending_failure.get_or_insert((now_ms + FAILURE_GRACE_MS, reason));
+                    } else {
+                        self.fail_job(job, reason, &mut cmds);
+                    }
                 } else {
                     self.maybe_finish(job, &mut cmds);
                 }

@@ -1,7 +1,9 @@
 //! The job state machine, driven without tokio: time is a number we pass in.
 
 use swarm_coordinator::job::JobState;
-use swarm_coordinator::machine::{CheckpointReport, Command, Config, Coordinator, Event, Reply, StepReport};
+use swarm_coordinator::machine::{
+    CheckpointReport, Command, Config, Coordinator, Event, FAILURE_GRACE_MS, Reply, StepReport,
+};
 use swarm_sharding::{JobId, Rank, Recipe, ShardFile, Step, WorkerId};
 
 fn recipe(steps: u64, gb: usize) -> Recipe {
@@ -192,8 +194,39 @@ fn rank_failure_is_reported_with_its_error() {
         },
     )
     .unwrap();
+    // Held for FAILURE_GRACE_MS in case a lost worker explains it, then reported as it is.
+    assert_eq!(c.job(job).unwrap().state, JobState::Running);
+    c.step(5 + FAILURE_GRACE_MS, Event::Tick).unwrap();
     let e = c.job(job).unwrap().error.clone().unwrap();
     assert!(e.contains("dataset missing") && e.contains("rank1"), "{e}");
+}
+
+/// A peer's socket error that arrives before the coordinator sees the worker die: the lost
+/// worker, the cause, is what the job's error names.
+#[test]
+fn a_lost_worker_is_named_over_its_peers_errors() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let (job, _) = submit(&mut c, 0, 10, 2);
+    let workers = c.job(job).unwrap().workers.clone();
+    let result = |rank: u32| Event::JobResult {
+        job,
+        worker: workers[rank as usize],
+        rank: Rank(rank),
+        ok: false,
+        error: "receiving from rank1: the connection closed".into(),
+        last_step: Step(3),
+    };
+    c.step(10, result(0)).unwrap();
+    c.step(30, Event::Disconnected(workers[1])).unwrap();
+    let j = c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.clone().unwrap();
+    assert!(e.contains("was lost") && e.contains("rank1") && !e.contains("receiving"), "{e}");
+    assert!(ws.contains(&workers[1]));
+    // A later tick does not overwrite the cause.
+    c.step(10 + 2 * FAILURE_GRACE_MS, Event::Tick).unwrap();
+    assert_eq!(c.job(job).unwrap().error.clone().unwrap(), e);
 }
 
 #[test]
