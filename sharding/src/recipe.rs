@@ -334,6 +334,20 @@ impl Recipe {
                     .collect()
             }
         };
+        // ZeRO-2 and 3 reduce every micro-batch's gradients together: each replica must run the
+        // same number of micro-batches, or the collectives would not pair up.
+        let counts: Vec<usize> =
+            replicas.iter().enumerate().map(|(r, s)| s.count.div_ceil(self.micro_batch_rows(r, s.count))).collect();
+        if self.parallel.zero_stage >= 2 && counts.windows(2).any(|w| w[0] != w[1]) {
+            // The most micro-batches every replica can split its rows into.
+            let fits = |m: usize| replicas.iter().all(|s| s.count.div_ceil(s.count.div_ceil(m)) == m);
+            let m = (1..=counts.iter().copied().min().unwrap_or(1)).rev().find(|&m| fits(m)).unwrap_or(1);
+            let fix: Vec<usize> = replicas.iter().map(|s| s.count.div_ceil(m)).collect();
+            return Err(format!(
+                "parallel.micro_batch_rows gives the replicas {counts:?} micro-batches per step; with parallel.zero_stage = {} every replica must run the same number (each micro-batch's gradients are reduced together): use micro_batch_rows: {fix:?}, or zero_stage: 1",
+                self.parallel.zero_stage
+            ));
+        }
         Ok((0..nodes)
             .map(|r| crate::plan::BatchShare { rank: crate::Rank(r as u32), ..replicas[layout.replica_of(r)] })
             .collect())
@@ -349,6 +363,13 @@ impl Recipe {
             ));
         }
         let layers = self.model.spec.as_ref().map(|s| s.num_hidden_layers);
+        if let Some(l) = layers
+            && p > l
+        {
+            return Err(format!(
+                "parallel.pipeline_stages = {p} is more than the model's {l} layers; use at most {l} stages"
+            ));
+        }
         let counts: Vec<usize> = match (&self.parallel.stage_layers, layers) {
             (Some(c), _) => c.clone(),
             (None, Some(l)) => (0..p).map(|s| l / p + usize::from(s < l % p)).collect(),
@@ -508,6 +529,16 @@ impl Recipe {
                 p,
                 "must be between 1 and 64",
                 "use 1 (no pipeline) or the number of machines one copy of the model is split over",
+            ));
+        }
+        if let Some(l) = self.model.spec.as_ref().map(|s| s.num_hidden_layers)
+            && p > l
+        {
+            return Err(err(
+                "parallel.pipeline_stages",
+                p,
+                &format!("is more than the model's {l} layers (a stage needs at least one)"),
+                &format!("use at most {l} stages"),
             ));
         }
         if let Some(c) = &self.parallel.stage_layers {
@@ -731,6 +762,21 @@ checkpoint: { dir: c, every: 5 }
             let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ micro_batch_rows: {mb} }}\n")).unwrap_err();
             assert!(e.starts_with("parallel.micro_batch_rows") && e.contains("each at least 1"), "{mb}: {e}");
         }
+        // ZeRO-2/3 need the same number of micro-batches on every replica.
+        let z2 = Recipe::from_yaml(&format!(
+            "{GOOD}parallel: {{ zero_stage: 2, rows_per_worker: [3, 1], micro_batch_rows: [1, 1] }}\n"
+        ))
+        .unwrap();
+        let e = z2.batch_shares(2).unwrap_err();
+        assert!(
+            e.contains("[3, 1] micro-batches") && e.contains("micro_batch_rows: [3, 1]") && e.contains("zero_stage: 1"),
+            "{e}"
+        );
+        let ok = Recipe::from_yaml(&format!(
+            "{GOOD}parallel: {{ zero_stage: 2, rows_per_worker: [3, 1], micro_batch_rows: [3, 1] }}\n"
+        ))
+        .unwrap();
+        assert!(ok.batch_shares(2).is_ok());
         let e = Recipe::from_yaml(&format!("{GOOD}parallel: {{ zero_stage: 4 }}\n")).unwrap_err();
         assert!(e.starts_with("parallel.zero_stage") && e.contains("1, 2 or 3"), "{e}");
     }
@@ -756,6 +802,7 @@ checkpoint: { dir: c, every: 5 }
             ("pipeline_stages: 2, stage_layers: [4]", "one entry per pipeline stage (2)"),
             ("pipeline_stages: 0", "between 1 and 64"),
             ("pipeline_stages: 2, zero_stage: 2", "ZeRO-1 inside each stage"),
+            ("pipeline_stages: 5", "more than the model's 4 layers"),
         ] {
             let mut bad = Recipe::from_yaml(GOOD).unwrap();
             bad.model.spec = ModelSpec::preset("tiny");

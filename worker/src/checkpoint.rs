@@ -67,9 +67,14 @@ pub fn optim_file_name(rank: Rank, world: u32) -> String {
 pub struct RankShard<'a> {
     pub rank: Rank,
     pub world: u32,
-    /// The whole flat parameter vector (f32 master weights), identical on every rank.
-    pub params: &'a [f32],
-    pub range: Range<usize>,
+    /// The whole flat parameter vector (f32 master weights): needed on rank 0 only.
+    pub params: Option<&'a [f32]>,
+    /// Elements in the flat parameter vector.
+    pub total: usize,
+    /// The ranges of the flat vector this rank's moments cover, in order (one for ZeRO-1 and
+    /// pipeline ranks; a piece of every tensor under ZeRO-3).
+    pub ranges: Vec<Range<usize>>,
+    /// The moments of those ranges, concatenated.
     pub exp_avg: &'a [f32],
     pub exp_avg_sq: &'a [f32],
     /// Optimizer steps taken (AdamW's bias-correction count).
@@ -80,15 +85,16 @@ pub fn write_rank(dir: &Path, spec: &ModelSpec, tokenizer: &Path, s: &RankShard<
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut files = Vec::new();
     if s.rank.0 == 0 {
+        let params = s.params.context("rank 0 writes the model: it needs the whole parameter vector")?;
         let mut tensors = Vec::new();
         let mut off = 0;
         for (name, shape) in param_shapes(spec) {
             let n: usize = shape.iter().product();
-            tensors.push((name, shape, f32_bytes(&s.params[off..off + n])));
+            tensors.push((name, shape, f32_bytes(&params[off..off + n])));
             off += n;
         }
-        if off != s.params.len() {
-            bail!("flat parameters have {} values, the model {}", s.params.len(), off);
+        if off != params.len() || off != s.total {
+            bail!("flat parameters have {} values, the model {}", params.len(), off);
         }
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         files.push(write_atomic(dir, "model.safetensors", |p| save_tensors(p, &tensors, meta))?);
@@ -99,7 +105,7 @@ pub fn write_rank(dir: &Path, spec: &ModelSpec, tokenizer: &Path, s: &RankShard<
             Ok(())
         })?);
     }
-    let n = s.range.len();
+    let n: usize = s.ranges.iter().map(|r| r.len()).sum();
     if s.exp_avg.len() != n || s.exp_avg_sq.len() != n {
         bail!(
             "optimizer shard of {} has {} / {} values for a range of {n}",
@@ -112,12 +118,17 @@ pub fn write_rank(dir: &Path, spec: &ModelSpec, tokenizer: &Path, s: &RankShard<
         ("exp_avg".to_string(), vec![n], f32_bytes(s.exp_avg)),
         ("exp_avg_sq".to_string(), vec![n], f32_bytes(s.exp_avg_sq)),
     ];
-    let meta = HashMap::from([
-        ("start".to_string(), s.range.start.to_string()),
-        ("end".to_string(), s.range.end.to_string()),
-        ("total".to_string(), s.params.len().to_string()),
+    let ranges: Vec<String> = s.ranges.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+    let mut meta = HashMap::from([
+        ("ranges".to_string(), ranges.join(",")),
+        ("total".to_string(), s.total.to_string()),
         ("adam_step".to_string(), s.adam_step.to_string()),
     ]);
+    if let [r] = s.ranges.as_slice() {
+        // The single-range form older readers know.
+        meta.insert("start".to_string(), r.start.to_string());
+        meta.insert("end".to_string(), r.end.to_string());
+    }
     files.push(write_atomic(dir, &optim_file_name(s.rank, s.world), |p| save_tensors(p, &tensors, meta))?);
     Ok(files)
 }
@@ -163,22 +174,44 @@ pub fn load(
         let num = |k: &str| -> anyhow::Result<usize> {
             info.get(k).and_then(|v| v.parse().ok()).with_context(|| format!("{}: metadata {k} missing", p.display()))
         };
-        let (start, end) = (num("start")?, num("end")?);
-        if num("total")? != total || end > total || start > end {
-            bail!(
-                "{}: range {start}..{end} of {} does not fit a model of {total} parameters",
-                p.display(),
-                num("total")?
-            );
+        let ranges: Vec<Range<usize>> = match info.get("ranges") {
+            Some(list) => list
+                .split(',')
+                .map(|r| {
+                    let (a, b) = r.split_once('-').with_context(|| format!("{}: bad range {r:?}", p.display()))?;
+                    Ok(a.parse()?..b.parse()?)
+                })
+                .collect::<anyhow::Result<_>>()?,
+            None => std::iter::once(num("start")?..num("end")?).collect(),
+        };
+        for r in &ranges {
+            if num("total")? != total || r.end > total || r.start > r.end {
+                bail!(
+                    "{}: range {}..{} of {} does not fit a model of {total} parameters",
+                    p.display(),
+                    r.start,
+                    r.end,
+                    num("total")?
+                );
+            }
         }
         let step = num("adam_step")? as u64;
         if *adam_step.get_or_insert(step) != step {
             bail!("{}: adam_step {step} differs from another rank's", p.display());
         }
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        exp_avg[start..end].copy_from_slice(&bytes_f32(st.tensor("exp_avg")?.data()));
-        exp_avg_sq[start..end].copy_from_slice(&bytes_f32(st.tensor("exp_avg_sq")?.data()));
-        covered += end - start;
+        let (m, v) = (bytes_f32(st.tensor("exp_avg")?.data()), bytes_f32(st.tensor("exp_avg_sq")?.data()));
+        let n: usize = ranges.iter().map(|r| r.len()).sum();
+        if m.len() != n || v.len() != n {
+            bail!("{}: {} moments for ranges of {n} values", p.display(), m.len());
+        }
+        let mut at = 0;
+        for r in ranges {
+            exp_avg[r.clone()].copy_from_slice(&m[at..at + r.len()]);
+            exp_avg_sq[r.clone()].copy_from_slice(&v[at..at + r.len()]);
+            at += r.len();
+            covered += r.len();
+        }
     }
     if covered != total || exp_avg.iter().any(|v| v.is_nan()) {
         bail!("{}: the optimizer shards cover {covered} of {total} parameters", dir.display());

@@ -14,6 +14,9 @@ use swarm_sharding::{JobId, Rank};
 
 /// Connections accepted but not yet claimed; more are refused.
 const MAX_PENDING: usize = 64;
+/// How long an accepted connection may wait to be claimed (a job's ranks connect within a
+/// minute of each other: `Ring`'s and `Link`'s connect timeouts).
+const UNCLAIMED_TTL: Duration = Duration::from_secs(300);
 const HELLO_MAGIC: u32 = 0x5357_524d; // "SWRM"
 const HELLO_VERSION: u32 = 2;
 const HELLO_BYTES: usize = 32;
@@ -51,7 +54,8 @@ impl Hello {
 
 #[derive(Default)]
 struct Pending {
-    conns: HashMap<Hello, TcpStream>,
+    /// Each with the time it arrived.
+    conns: HashMap<Hello, (TcpStream, Instant)>,
 }
 
 /// The listener and the table of connections waiting to be claimed.
@@ -81,11 +85,14 @@ impl DataPlane {
                 let _ = conn.set_read_timeout(None);
                 let (lock, cv) = &*table;
                 let mut p = lock.lock().expect("dataplane lock");
+                // A connection nobody claimed for this long belongs to a job that never started
+                // here (it failed while its ranks were connecting): drop it.
+                p.conns.retain(|_, (_, at)| at.elapsed() < UNCLAIMED_TTL);
                 if p.conns.len() >= MAX_PENDING {
                     tracing::warn!(?hello, "refused a data-plane connection: too many unclaimed");
                     continue;
                 }
-                p.conns.insert(hello, conn);
+                p.conns.insert(hello, (conn, Instant::now()));
                 cv.notify_all();
             }
         })?;
@@ -104,7 +111,7 @@ impl DataPlane {
         // Connections of older attempts of this job will never be claimed.
         p.conns.retain(|h, _| h.job != hello.job || h.attempt >= hello.attempt);
         loop {
-            if let Some(c) = p.conns.remove(&hello) {
+            if let Some((c, _)) = p.conns.remove(&hello) {
                 return Ok(c);
             }
             let now = Instant::now();

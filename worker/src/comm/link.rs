@@ -19,8 +19,11 @@ use swarm_sharding::{JobId, Peer, Rank};
 /// Messages a sender may have queued before `send` blocks.
 pub const QUEUE: usize = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// The longest wait for one message; a dead peer's socket errors long before this.
-const IO_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest wait for one message, a last resort: a dead peer's socket errors long before
+/// this, and a silent one is found by the coordinator (lost lease), which cancels the job and
+/// closes these sockets. It must outlast legitimate waits, such as a peer writing a large
+/// model's checkpoint before the next step.
+const IO_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub struct Link {
     /// Who is at the other end, for messages ("rank2 (stage 1 of 2, worker-3 at ...)").

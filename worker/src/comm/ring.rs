@@ -17,8 +17,11 @@ use swarm_sharding::{JobId, Peer, Rank};
 
 /// How long a peer may take to connect when a job starts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// The longest wait for one message; a dead peer's socket errors long before this.
-const IO_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest wait for one message, a last resort: a dead peer's socket errors long before
+/// this, and a silent one is found by the coordinator (lost lease), which cancels the job and
+/// closes these sockets. It must outlast legitimate waits, such as a peer writing a large
+/// model's checkpoint before the next step.
+const IO_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Closes a ring's sockets from another thread, so a cancelled job stops at once.
 #[derive(Clone, Default)]
@@ -191,6 +194,35 @@ impl Ring {
         self.all_gather_ranges(buf, &ranges)
     }
 
+    /// Gathers to position 0 of the ring: position i contributes `own` as `ranges[i]` of a
+    /// `total`-element vector, which only position 0 gets back (`Some`). The messages are the
+    /// all-gather's, but every other rank holds only the chunk in transit, never the whole.
+    pub fn gather_ranges_to_first(
+        &mut self,
+        own: &[f32],
+        ranges: &[Range<usize>],
+        total: usize,
+    ) -> anyhow::Result<Option<Vec<f32>>> {
+        let (n, r) = (self.world, self.rank);
+        if ranges.len() != n || ranges[r].len() != own.len() {
+            bail!("gather: {} ranges for a ring of {n}, or a chunk of the wrong size", ranges.len());
+        }
+        let mut full = (r == 0).then(|| vec![0f32; total]);
+        if let Some(f) = &mut full {
+            f[ranges[0].clone()].copy_from_slice(own);
+        }
+        let mut carry = own.to_vec();
+        for k in 0..n.saturating_sub(1) {
+            let recv = ranges[(r + 2 * n - k - 1) % n].clone();
+            let got = self.exchange(&carry, recv.len())?;
+            if let Some(f) = &mut full {
+                f[recv].copy_from_slice(&got);
+            }
+            carry = got;
+        }
+        Ok(full)
+    }
+
     /// All-gather where position i of the ring contributes `ranges[i]` of `buf` (any ranges,
     /// e.g. what each rank of a pipeline owns); afterwards every rank holds all of them.
     pub fn all_gather_ranges(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> anyhow::Result<()> {
@@ -277,6 +309,40 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn gather_to_first_delivers_every_range_to_rank_0_only() {
+        let planes: Vec<DataPlane> = (0..3).map(|_| DataPlane::bind("127.0.0.1:0").unwrap()).collect();
+        let peers: Vec<Peer> = planes
+            .iter()
+            .enumerate()
+            .map(|(i, dp)| Peer {
+                rank: Rank(i as u32),
+                worker: WorkerId(i as u64 + 1),
+                data_addr: dp.local_addr().to_string(),
+            })
+            .collect();
+        // Uneven, out-of-order ranges that partition 0..10.
+        let ranges = [4..9, 0..4, 9..10];
+        let got: Vec<Option<Vec<f32>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = planes
+                .iter()
+                .enumerate()
+                .map(|(i, dp)| {
+                    let (peers, ranges) = (peers.clone(), ranges.clone());
+                    s.spawn(move || {
+                        let mut ring =
+                            Ring::connect(dp, JobId(1), 1, Rank(i as u32), &peers, &Aborter::default()).unwrap();
+                        let own: Vec<f32> = ranges[i].clone().map(|j| j as f32).collect();
+                        ring.gather_ranges_to_first(&own, &ranges, 10).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got[0].as_deref(), Some((0..10).map(|j| j as f32).collect::<Vec<_>>().as_slice()));
+        assert!(got[1].is_none() && got[2].is_none());
     }
 
     #[test]

@@ -615,8 +615,9 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 &RankShard {
                     rank: a.rank,
                     world: a.world_size,
-                    params: &params,
-                    range: own.clone(),
+                    params: Some(&params),
+                    total: len,
+                    ranges: vec![own.clone()],
                     exp_avg: &m,
                     exp_avg_sq: &v,
                     adam_step,

@@ -316,15 +316,13 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         sent_before = sent;
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
-            // Every rank's own range, gathered so that rank 0 can write the whole model.
-            let mut full = vec![0f32; total];
-            full[own_global.clone()].copy_from_slice(&params[own.clone()]);
+            // Every rank's own range, gathered to rank 0, which writes the whole model.
             let ranges: Vec<Range<usize>> =
                 (0..a.peers.len()).map(|r| owned_range(spec, &layout, r)).collect::<anyhow::Result<_>>()?;
             if ranges[rank] != own_global {
                 bail!("rank {rank}: owns {own_global:?} but the layout gives {:?}", ranges[rank]);
             }
-            world.all_gather_ranges(&mut full, &ranges)?;
+            let full = world.gather_ranges_to_first(&params[own.clone()], &ranges, total)?;
             let dir = recipe.checkpoint.dir.join(step_dir_name(step));
             let files = checkpoint::write_rank(
                 &dir,
@@ -333,8 +331,9 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                 &RankShard {
                     rank: Rank(rank as u32),
                     world: a.world_size,
-                    params: &full,
-                    range: own_global.clone(),
+                    params: full.as_deref(),
+                    total,
+                    ranges: vec![own_global.clone()],
                     exp_avg: &m,
                     exp_avg_sq: &v,
                     adam_step,

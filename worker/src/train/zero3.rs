@@ -41,6 +41,8 @@ const COMM: u32 = 1;
 enum Job {
     /// All-gather each (piece, full length): the full tensors come back.
     Gather(Vec<(Vec<f32>, usize)>, Sender<anyhow::Result<Vec<Vec<f32>>>>),
+    /// Gather each (piece, full length) to rank 0 only: the full tensors there, nothing elsewhere.
+    GatherToFirst(Vec<(Vec<f32>, usize)>, Sender<anyhow::Result<Vec<Vec<f32>>>>),
     /// Reduce-scatter each full gradient: this rank's summed pieces come back.
     ReduceScatter(Vec<Vec<f32>>, Sender<anyhow::Result<Vec<Vec<f32>>>>),
 }
@@ -69,6 +71,18 @@ impl Comm {
                                 full[ring.own_range(len)].copy_from_slice(&piece);
                                 ring.all_gather(&mut full)?;
                                 Ok(full)
+                            })
+                            .collect();
+                        sent.store(ring.bytes_sent(), Ordering::Relaxed);
+                        let _ = back.send(r);
+                    }
+                    Job::GatherToFirst(pieces, back) => {
+                        let r = pieces
+                            .into_iter()
+                            .map(|(piece, len)| {
+                                let ranges: Vec<Range<usize>> =
+                                    (0..ring.world()).map(|i| shard_range(len, ring.world(), i)).collect();
+                                Ok(ring.gather_ranges_to_first(&piece, &ranges, len)?.unwrap_or_default())
                             })
                             .collect();
                         sent.store(ring.bytes_sent(), Ordering::Relaxed);
@@ -342,13 +356,12 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
         sent_before = sent;
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
-            // Gather parameters and moments whole, so the checkpoint has the usual layout.
-            let whole = |v: &[f32]| -> anyhow::Result<Vec<f32>> {
-                let pieces = shards.iter().map(|s| (v[s.at.clone()].to_vec(), s.shape.iter().product())).collect();
-                Ok(comm.ask(|tx| Job::Gather(pieces, tx))?.wait()?.concat())
-            };
-            let (full_p, full_m, full_v) = (whole(&params)?, whole(&m)?, whole(&v)?);
-            let own = shard_range(total, world, rank);
+            // The parameters gathered to rank 0, which writes the model; every rank writes the
+            // moments of its pieces, with their ranges.
+            let pieces = shards.iter().map(|s| (params[s.at.clone()].to_vec(), s.shape.iter().product())).collect();
+            let full_p = comm.ask(|tx| Job::GatherToFirst(pieces, tx))?.wait()?.concat();
+            let ranges: Vec<Range<usize>> =
+                shards.iter().map(|s| s.global + s.piece.start..s.global + s.piece.end).collect();
             let dir = recipe.checkpoint.dir.join(step_dir_name(step));
             let files = checkpoint::write_rank(
                 &dir,
@@ -357,10 +370,11 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
                 &RankShard {
                     rank: a.rank,
                     world: a.world_size,
-                    params: &full_p,
-                    range: own.clone(),
-                    exp_avg: &full_m[own.clone()],
-                    exp_avg_sq: &full_v[own],
+                    params: (rank == 0).then_some(full_p.as_slice()),
+                    total,
+                    ranges,
+                    exp_avg: &m,
+                    exp_avg_sq: &v,
                     adam_step,
                 },
             )?;
