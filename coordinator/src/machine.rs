@@ -426,7 +426,19 @@ impl Coordinator {
             if idle.len() < job.nodes {
                 continue;
             }
-            let chosen = idle[..job.nodes].to_vec();
+            // A placement by name (a plan's): rank i on the worker named workers[i].
+            let chosen = match &job.recipe.parallel.workers {
+                None => idle[..job.nodes].to_vec(),
+                Some(names) => {
+                    let named: Vec<Option<WorkerId>> =
+                        names.iter().map(|n| idle.iter().copied().find(|w| self.workers[w].name == *n)).collect();
+                    match named.into_iter().collect::<Option<Vec<_>>>() {
+                        Some(ws) => ws,
+                        // Not all of them are idle (or registered) yet: keep waiting.
+                        None => continue,
+                    }
+                }
+            };
             let shares = match job.recipe.batch_shares(job.nodes) {
                 Ok(s) => s,
                 Err(e) => {

@@ -393,3 +393,36 @@ fn resume_past_the_end_is_refused() {
         .unwrap();
     assert!(e.to_string().contains("raise train.steps"), "{e}");
 }
+
+/// `parallel.workers` places ranks by worker name, and the job waits until those are idle.
+#[test]
+fn a_named_placement_puts_each_rank_on_its_worker() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 3); // host0, host1, host2
+    let mut r = recipe(10, 4);
+    r.parallel.workers = Some(vec!["host2".into(), "host0".into()]);
+    // Another job holds host0 first: the placed job waits for it.
+    let (busy, _) = submit(&mut c, 0, 10, 2);
+    let holders = c.job(busy).unwrap().workers.clone();
+    assert!(holders.contains(&ws[0]) && holders.contains(&ws[1]), "{holders:?}");
+    let out = c.step(1, Event::Submit { recipe: Box::new(r), nodes: 2, resume: None }).unwrap();
+    let Reply::Submitted(job) = out.reply else { panic!() };
+    assert_eq!(c.job(job).unwrap().state, JobState::Waiting);
+    c.step(2, Event::Cancel { job: busy, reason: "test".into() }).unwrap();
+    for (rank, w) in holders.iter().enumerate() {
+        c.step(
+            3,
+            Event::JobResult {
+                job: busy,
+                worker: *w,
+                rank: Rank(rank as u32),
+                ok: true,
+                error: String::new(),
+                last_step: Step(0),
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(c.job(job).unwrap().state, JobState::Running);
+    assert_eq!(c.job(job).unwrap().workers, vec![ws[2], ws[0]], "rank 0 on host2, rank 1 on host0");
+}

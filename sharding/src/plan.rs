@@ -59,6 +59,10 @@ impl Plan {
         if self.micro_batches > 1 {
             out.push_str(&format!("  micro_batch_rows: {micro:?}\n"));
         }
+        let mut ranks: Vec<&RankPlan> = self.ranks.iter().collect();
+        ranks.sort_by_key(|r| r.rank.0);
+        let names: Vec<String> = ranks.iter().map(|r| format!("{:?}", r.worker)).collect();
+        out.push_str(&format!("  workers: [{}]\n", names.join(", ")));
         out
     }
 }

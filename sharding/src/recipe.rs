@@ -237,6 +237,11 @@ pub struct ParallelSection {
     /// machine is faster); must add up to the model's layers. Default: as even as possible.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_layers: Option<Vec<usize>>,
+    /// Which worker takes which rank, by name (as `swarm status` lists them), in rank order:
+    /// the placement of a plan (`swarm plan` prints it), e.g. the fast machine on the stage
+    /// with more layers. The job waits until these workers are idle. Default: any idle workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<String>>,
 }
 
 impl Default for ParallelSection {
@@ -247,6 +252,7 @@ impl Default for ParallelSection {
             micro_batch_rows: None,
             pipeline_stages: default_stages(),
             stage_layers: None,
+            workers: None,
         }
     }
 }
@@ -299,6 +305,15 @@ impl Recipe {
     /// (every stage of a pipeline takes the same rows). The replicas split the batch as
     /// `parallel.rows_per_worker` says (one entry per replica), else evenly.
     pub fn batch_shares(&self, nodes: usize) -> Result<Vec<crate::plan::BatchShare>, String> {
+        if let Some(w) = &self.parallel.workers
+            && w.len() != nodes
+        {
+            return Err(format!(
+                "parallel.workers = {w:?} names {} workers, but the job has {nodes}; use --nodes {} or change the list",
+                w.len(),
+                w.len()
+            ));
+        }
         let layout = self.stage_layout(nodes)?;
         let d = layout.replicas;
         let per = |what: &str, n: usize| -> String {
@@ -562,6 +577,17 @@ impl Recipe {
                 "with pipeline stages, this build runs ZeRO-1 inside each stage",
                 "use parallel.zero_stage: 1 with parallel.pipeline_stages",
             ));
+        }
+        if let Some(w) = &self.parallel.workers {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(bad) = w.iter().find(|n| n.is_empty() || !seen.insert(n.as_str())) {
+                return Err(err(
+                    "parallel.workers",
+                    format!("{w:?}"),
+                    &format!("names {bad:?} empty or twice; each rank needs its own worker"),
+                    "list each worker once, by the name swarm status shows",
+                ));
+            }
         }
         if let Some(mb) = &self.parallel.micro_batch_rows
             && (mb.is_empty() || mb.contains(&0))

@@ -65,7 +65,10 @@ pub async fn submit_and_follow(
         .progress_chars("=> "),
     );
     pb.set_prefix(format!("job-{job}"));
-    pb.set_message(format!("waiting for {nodes} worker(s)"));
+    pb.set_message(match &recipe.parallel.workers {
+        Some(names) => format!("waiting for workers {} to be idle", names.join(", ")),
+        None => format!("waiting for {nodes} worker(s)"),
+    });
     pb.enable_steady_tick(Duration::from_millis(200));
     let mut last_printed = 0u64;
     let mut started = false;

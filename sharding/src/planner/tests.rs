@@ -359,7 +359,7 @@ fn tiny_cpu_recipe_on_two_cpu_workers_is_executable() {
     assert!(p.executable.ok, "{:#?}", p.executable);
     assert_eq!((p.pipeline_degree, p.micro_batches, p.zero_stage), (1, 1, 1));
     // The recipe section that runs it, and one that parses back.
-    assert_eq!(p.parallel_section(), "parallel:\n  zero_stage: 1\n");
+    assert_eq!(p.parallel_section(), "parallel:\n  zero_stage: 1\n  workers: [\"w-1\", \"w-2\"]\n");
     let mut stages = p.clone();
     stages.pipeline_degree = 2;
     stages.micro_batches = 4;
