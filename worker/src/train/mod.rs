@@ -198,6 +198,55 @@ fn peak_memory(device: &Device) -> u64 {
     peak_memory_bytes()
 }
 
+/// The recipe's dataset, checked against the model's vocabulary, and its sample order.
+fn open_data(
+    recipe: &swarm_sharding::Recipe,
+    spec: &swarm_sharding::ModelSpec,
+) -> anyhow::Result<(Dataset, SampleOrder)> {
+    let dataset = Dataset::open(&recipe.data.dataset)?;
+    if dataset.info().vocab_size as usize > spec.vocab_size {
+        bail!(
+            "data.dataset {} has a vocabulary of {}, more than the model's {}",
+            recipe.data.dataset.display(),
+            dataset.info().vocab_size,
+            spec.vocab_size
+        );
+    }
+    let order = dataset.sample_order(recipe.train.seq_len, recipe.train.seed)?;
+    Ok((dataset, order))
+}
+
+/// A rank's `count` rows as micro-batches of `micro` rows (the last may be shorter).
+fn micro_batches(count: usize, micro: usize) -> Vec<Range<usize>> {
+    (0..count).step_by(micro.max(1)).map(|s| s..(s + micro).min(count)).collect()
+}
+
+/// The token windows (`[rows, seq + 1]`) of sample rows `rows`.
+fn windows(dataset: &Dataset, rows: &[u64], seq: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let mut tokens = Vec::with_capacity(rows.len() * (seq + 1));
+    for &w in rows {
+        tokens.extend(dataset.window(w, seq));
+    }
+    Ok(Tensor::from_vec(tokens, (rows.len(), seq + 1), device)?)
+}
+
+/// Writes this rank's part of the checkpoint of `step` and reports it.
+fn write_checkpoint(
+    ctx: &mut TrainContext,
+    recipe: &swarm_sharding::Recipe,
+    dataset: &Dataset,
+    step: Step,
+    cursor: u64,
+    shard: &RankShard<'_>,
+) -> anyhow::Result<()> {
+    let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
+    let dir = recipe.checkpoint.dir.join(step_dir_name(step));
+    let files = checkpoint::write_rank(&dir, spec, &dataset.tokenizer_path(), shard)?;
+    let rng_state =
+        format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", recipe.train.seed);
+    (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })
+}
+
 fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
     let p = dir.join(Manifest::FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -279,16 +328,7 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         };
     }
     let profile = std::env::var_os("SWARM_PROFILE").is_some();
-    let dataset = Dataset::open(&recipe.data.dataset)?;
-    if dataset.info().vocab_size as usize > spec.vocab_size {
-        bail!(
-            "data.dataset {} has a vocabulary of {}, more than the model's {}",
-            recipe.data.dataset.display(),
-            dataset.info().vocab_size,
-            spec.vocab_size
-        );
-    }
-    let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
+    let (dataset, mut order) = open_data(recipe, spec)?;
 
     let (mut model, resumed, start, mut cursor) = load_start(a, spec, &device)?;
     // f32 master weights, taken before the model moves to its compute dtype.
@@ -389,14 +429,10 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
         let mut host_grad: Vec<f32> = Vec::new();
         let mut zero2_comm = 0.0;
         let mut t_fwd = 0.0;
-        let pieces: Vec<Range<usize>> = (0..count).step_by(micro).map(|s| s..(s + micro).min(count)).collect();
+        let pieces = micro_batches(count, micro);
         for (i, piece) in pieces.iter().enumerate() {
             let first = i == 0;
-            let mut tokens = Vec::with_capacity(piece.len() * (t.seq_len + 1));
-            for &w in &rows[piece.clone()] {
-                tokens.extend(dataset.window(w, t.seq_len));
-            }
-            let windows = Tensor::from_vec(tokens, (piece.len(), t.seq_len + 1), &device)?;
+            let windows = windows(&dataset, &rows[piece.clone()], t.seq_len, &device)?;
             let tf = Instant::now();
             let loss = model.loss(&windows)?;
             if profile {
@@ -607,11 +643,12 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 }
                 Optimizer::Host => {}
             }
-            let dir = recipe.checkpoint.dir.join(step_dir_name(step));
-            let files = checkpoint::write_rank(
-                &dir,
-                spec,
-                &dataset.tokenizer_path(),
+            write_checkpoint(
+                &mut ctx,
+                recipe,
+                &dataset,
+                step,
+                cursor,
                 &RankShard {
                     rank: a.rank,
                     world: a.world_size,
@@ -623,9 +660,6 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                     adam_step,
                 },
             )?;
-            let rng_state =
-                format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
-            (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })?;
         }
     }
     Ok(Step(t.steps))

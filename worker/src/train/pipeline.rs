@@ -18,10 +18,10 @@
 //!   every rank (the shards partition the model), AdamW on the shard, all-gather in the group.
 
 use super::{Report, StepStats, TrainContext, check_norm, decay_segments, flatten_params, load_start, peak_memory};
-use crate::checkpoint::{self, RankShard};
+use crate::checkpoint::RankShard;
 use crate::comm::link::Link;
 use crate::comm::ring::Ring;
-use crate::data::{Dataset, SampleOrder, sample_rows};
+use crate::data::sample_rows;
 use crate::model::{Llama, param_shapes, split_windows};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -29,7 +29,6 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use swarm_kernels::{AdamW, adamw_step};
-use swarm_sharding::job::step_dir_name;
 use swarm_sharding::recipe::StageLayout;
 use swarm_sharding::{Assignment, Peer, Rank, Step};
 
@@ -66,15 +65,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
     let peer = |s: usize, r: usize| -> &Peer { &a.peers[layout.rank(s, r)] };
     let name_of = |s: usize, r: usize| format!("{} ({})", peer(s, r).rank, layout.describe(layout.rank(s, r)));
 
-    let dataset = Dataset::open(&recipe.data.dataset)?;
-    if dataset.info().vocab_size as usize > spec.vocab_size {
-        bail!(
-            "data.dataset has a vocabulary of {}, more than the model's {}",
-            dataset.info().vocab_size,
-            spec.vocab_size
-        );
-    }
-    let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
+    let (dataset, mut order) = super::open_data(recipe, spec)?;
 
     // The whole model is built (or loaded) and every other stage's parameters dropped, so the
     // weights are those one process would have.
@@ -149,7 +140,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
     debug_assert_eq!(seg_off, params.len());
     let (offset, count) = (a.share.offset, a.share.count);
     let micro = recipe.micro_batch_rows(replica, count);
-    let pieces: Vec<Range<usize>> = (0..count).step_by(micro).map(|s| s..(s + micro).min(count)).collect();
+    let pieces = super::micro_batches(count, micro);
     let mb = pieces.len();
     let warmup = (stages - stage - 1).min(mb);
     let (h, seq) = (spec.hidden_size, t.seq_len);
@@ -185,11 +176,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             let len = piece.len();
             if forward {
                 let windows = if first || last {
-                    let mut tokens = Vec::with_capacity(len * (seq + 1));
-                    for &w in &rows[piece.clone()] {
-                        tokens.extend(dataset.window(w, seq));
-                    }
-                    Some(split_windows(&Tensor::from_vec(tokens, (len, seq + 1), &device)?)?)
+                    Some(split_windows(&super::windows(&dataset, &rows[piece.clone()], seq, &device)?)?)
                 } else {
                     None
                 };
@@ -323,11 +310,12 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                 bail!("rank {rank}: owns {own_global:?} but the layout gives {:?}", ranges[rank]);
             }
             let full = world.gather_ranges_to_first(&params[own.clone()], &ranges, total)?;
-            let dir = recipe.checkpoint.dir.join(step_dir_name(step));
-            let files = checkpoint::write_rank(
-                &dir,
-                spec,
-                &dataset.tokenizer_path(),
+            super::write_checkpoint(
+                &mut ctx,
+                recipe,
+                &dataset,
+                step,
+                cursor,
                 &RankShard {
                     rank: Rank(rank as u32),
                     world: a.world_size,
@@ -339,9 +327,6 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     adam_step,
                 },
             )?;
-            let rng_state =
-                format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
-            (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })?;
         }
     }
     Ok(Step(t.steps))

@@ -18,9 +18,9 @@
 //!   parameters and moments so that they keep the usual format (any layout resumes them).
 
 use super::{Report, StepStats, TrainContext, check_norm, load_start, peak_memory};
-use crate::checkpoint::{self, RankShard};
+use crate::checkpoint::RankShard;
 use crate::comm::ring::Ring;
-use crate::data::{Dataset, SampleOrder, sample_rows};
+use crate::data::sample_rows;
 use crate::model::{Llama, split_windows};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 use swarm_kernels::{AdamW, adamw_step};
-use swarm_sharding::job::step_dir_name;
 use swarm_sharding::plan::shard_range;
 use swarm_sharding::{Assignment, Step};
 
@@ -167,15 +166,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
     let t = &recipe.train;
     let device: Device = crate::device::select(&ctx.device)?;
     let (rank, world) = (a.rank.0 as usize, a.world_size as usize);
-    let dataset = Dataset::open(&recipe.data.dataset)?;
-    if dataset.info().vocab_size as usize > spec.vocab_size {
-        bail!(
-            "data.dataset has a vocabulary of {}, more than the model's {}",
-            dataset.info().vocab_size,
-            spec.vocab_size
-        );
-    }
-    let mut order: SampleOrder = dataset.sample_order(t.seq_len, t.seed)?;
+    let (dataset, mut order) = super::open_data(recipe, spec)?;
     let dtype = super::compute_dtype(t.precision, &device);
 
     // Build (or load) the model once, keep this rank's piece of every tensor, drop the rest.
@@ -234,7 +225,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
     };
     let (offset, count) = (a.share.offset, a.share.count);
     let micro = recipe.micro_batch_rows(rank, count);
-    let pieces: Vec<Range<usize>> = (0..count).step_by(micro).map(|s| s..(s + micro).min(count)).collect();
+    let pieces = super::micro_batches(count, micro);
     let n_units = units.len();
     let mut sent_before = world_ring.bytes_sent();
 
@@ -256,11 +247,8 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
             r
         };
         for piece in &pieces {
-            let mut tokens = Vec::with_capacity(piece.len() * (t.seq_len + 1));
-            for &w in &rows[piece.clone()] {
-                tokens.extend(dataset.window(w, t.seq_len));
-            }
-            let (inputs, targets) = split_windows(&Tensor::from_vec(tokens, (piece.len(), t.seq_len + 1), &device)?)?;
+            let (inputs, targets) =
+                split_windows(&super::windows(&dataset, &rows[piece.clone()], t.seq_len, &device)?)?;
             // Forward: unit by unit, keeping only each unit's input.
             let mut inputs_of: Vec<Tensor> = Vec::with_capacity(n_units);
             let mut next = Some(gather(&params, 0)?);
@@ -362,11 +350,12 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
             let full_p = comm.ask(|tx| Job::GatherToFirst(pieces, tx))?.wait()?.concat();
             let ranges: Vec<Range<usize>> =
                 shards.iter().map(|s| s.global + s.piece.start..s.global + s.piece.end).collect();
-            let dir = recipe.checkpoint.dir.join(step_dir_name(step));
-            let files = checkpoint::write_rank(
-                &dir,
-                spec,
-                &dataset.tokenizer_path(),
+            super::write_checkpoint(
+                &mut ctx,
+                recipe,
+                &dataset,
+                step,
+                cursor,
                 &RankShard {
                     rank: a.rank,
                     world: a.world_size,
@@ -378,9 +367,6 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
                     adam_step,
                 },
             )?;
-            let rng_state =
-                format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", t.seed);
-            (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })?;
         }
     }
     drop(comm);
