@@ -75,7 +75,12 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Standard normal by Box-Muller.
+    /// Jumps `n` values ahead (splitmix64's state is a counter).
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
+    /// Standard normal by Box-Muller (two values of the stream each).
     pub fn normal(&mut self) -> f64 {
         let u1 = self.next_f64().max(f64::MIN_POSITIVE);
         let u2 = self.next_f64();
@@ -83,7 +88,50 @@ impl SplitMix64 {
     }
 }
 
+/// Elements `range` of parameter `name`'s initial values, exactly as [`Llama::init`] makes them,
+/// without generating any other parameter (the generator jumps ahead): a pipeline stage or a
+/// ZeRO-3 shard initialises only its own part of a model that no one machine could hold.
+pub fn init_piece(spec: &ModelSpec, seed: u64, name: &str, range: std::ops::Range<usize>) -> anyhow::Result<Vec<f32>> {
+    let mut before = 0u64; // random values drawn for the parameters before this one
+    for (n, shape) in param_shapes(spec) {
+        let count: usize = shape.iter().product();
+        let constant = n.ends_with("layernorm.weight") || n == "model.norm.weight" || n.ends_with(".bias");
+        if n == name {
+            if range.end > count {
+                bail!("init_piece: {range:?} is outside {name} ({count} values)");
+            }
+            if constant {
+                return Ok(vec![if n.ends_with(".bias") { 0.0 } else { 1.0 }; range.len()]);
+            }
+            let mut rng = SplitMix64(seed ^ 0x05EE_D0F1_1A3A);
+            rng.skip(2 * (before + range.start as u64));
+            return Ok(range.map(|_| (rng.normal() * 0.02) as f32).collect());
+        }
+        if !constant {
+            before += count as u64;
+        }
+    }
+    bail!("init_piece: the model has no parameter {name}")
+}
+
 impl Llama {
+    /// The parameters `keep` names, initialised as [`Llama::init`] would (and only those).
+    pub fn init_subset(
+        spec: &ModelSpec,
+        seed: u64,
+        device: &Device,
+        keep: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<Llama> {
+        let mut tensors = Vec::new();
+        for (name, shape) in param_shapes(spec) {
+            if keep(&name) {
+                let n: usize = shape.iter().product();
+                tensors.push((name.clone(), Tensor::from_vec(init_piece(spec, seed, &name, 0..n)?, shape, device)?));
+            }
+        }
+        Llama::from_tensors(spec, tensors, device)
+    }
+
     /// Random initialisation (normal, std 0.02, as Hugging Face's `initializer_range`; norms at 1).
     pub fn init(spec: &ModelSpec, seed: u64, device: &Device) -> anyhow::Result<Llama> {
         let mut rng = SplitMix64(seed ^ 0x05EE_D0F1_1A3A);
@@ -338,4 +386,35 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any piece of any parameter, generated alone, equals the same elements of a full init.
+    #[test]
+    fn init_pieces_and_subsets_equal_the_full_init() {
+        let spec = ModelSpec { attention_bias: true, ..ModelSpec::preset("tiny").unwrap() };
+        let dev = Device::Cpu;
+        let full = Llama::init(&spec, 42, &dev).unwrap();
+        for p in &full.params {
+            let all = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let n = all.len();
+            for r in [0..n, n / 3..n / 2, n - 1..n] {
+                assert_eq!(init_piece(&spec, 42, &p.name, r.clone()).unwrap(), all[r.clone()], "{} {r:?}", p.name);
+            }
+        }
+        let keep = |n: &str| n.starts_with("model.layers.2.") || n == "model.norm.weight";
+        let sub = Llama::init_subset(&spec, 42, &dev, keep).unwrap();
+        let mut want = Llama::init(&spec, 42, &dev).unwrap();
+        want.retain(keep);
+        assert_eq!(sub.params.len(), want.params.len());
+        for (a, b) in sub.params.iter().zip(&want.params) {
+            assert_eq!(a.name, b.name);
+            let (x, y) = (a.var.as_tensor().flatten_all().unwrap(), b.var.as_tensor().flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap(), "{}", a.name);
+        }
+        assert!(init_piece(&spec, 42, "nope", 0..1).is_err());
+    }
 }

@@ -67,13 +67,18 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
 
     let (dataset, mut order) = super::open_data(recipe, spec)?;
 
-    // The whole model is built (or loaded) and every other stage's parameters dropped, so the
-    // weights are those one process would have.
-    let (mut model, resumed, start, mut cursor) = load_start(a, spec, &device)?;
     let keep = |name: &str| match layer_of(name) {
         Some(l) => my_layers.contains(&l),
         None if name == "model.embed_tokens.weight" => first || (last && tied),
         None => last,
+    };
+    // A fresh start initialises only this stage's parameters (to the values one process would
+    // give them). Resuming, or starting from Hugging Face weights, loads the whole model and
+    // drops the other stages' parameters.
+    let (mut model, resumed, start, mut cursor) = if a.resume.is_none() && recipe.model.hf_dir.is_none() {
+        (Llama::init_subset(spec, t.seed, &device, keep)?, None, Step(0), 0)
+    } else {
+        load_start(a, spec, &device)?
     };
     model.retain(keep);
     // The stage's own range of the flat vector; the last stage's tied copy is not in it.

@@ -21,7 +21,7 @@ use super::{Report, StepStats, TrainContext, check_norm, load_start, peak_memory
 use crate::checkpoint::RankShard;
 use crate::comm::ring::Ring;
 use crate::data::sample_rows;
-use crate::model::{Llama, split_windows};
+use crate::model::{Llama, init_piece, param_shapes, split_windows};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use std::ops::Range;
@@ -169,24 +169,30 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
     let (dataset, mut order) = super::open_data(recipe, spec)?;
     let dtype = super::compute_dtype(t.precision, &device);
 
-    // Build (or load) the model once, keep this rank's piece of every tensor, drop the rest.
-    let (model, resumed, start, mut cursor) = load_start(a, spec, &device)?;
+    // This rank's piece of every tensor. A fresh start generates only those pieces (the values
+    // one process would give them); resuming, or starting from Hugging Face weights, loads the
+    // whole model once and keeps the pieces.
+    let fresh = a.resume.is_none() && recipe.model.hf_dir.is_none();
+    let (model, resumed, start, mut cursor) = if fresh {
+        (None, None, Step(0), 0)
+    } else {
+        let (m, r, s, c) = load_start(a, spec, &device)?;
+        (Some(m), r, s, c)
+    };
     let (mut shards, mut params) = (Vec::new(), Vec::new());
     let mut global = 0;
-    for p in &model.params {
-        let numel = p.var.elem_count();
+    for (i, (name, shape)) in param_shapes(spec).into_iter().enumerate() {
+        let numel: usize = shape.iter().product();
         let piece = shard_range(numel, world, rank);
-        let flat = p.var.as_tensor().flatten_all()?.narrow(0, piece.start, piece.len())?.to_vec1::<f32>()?;
+        let flat = match &model {
+            None => init_piece(spec, t.seed, &name, piece.clone())?,
+            Some(m) => {
+                m.params[i].var.as_tensor().flatten_all()?.narrow(0, piece.start, piece.len())?.to_vec1::<f32>()?
+            }
+        };
         let at = params.len()..params.len() + flat.len();
         params.extend(flat);
-        shards.push(Shard {
-            name: p.name.clone(),
-            shape: p.var.dims().to_vec(),
-            piece,
-            at,
-            decays: p.var.rank() >= 2,
-            global,
-        });
+        shards.push(Shard { name, decays: shape.len() >= 2, shape, piece, at, global });
         global += numel;
     }
     drop(model);
