@@ -156,10 +156,14 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     let formula = |r: &Row| 2.0 * (r.nodes as f64 - 1.0) / r.nodes as f64 * model_bytes;
     // The formula is data parallelism's; a pipeline's links carry activations instead.
     let ratio = |r: &Row| (r.nodes > 1 && r.stages == 1).then(|| r.bytes_per_step / formula(r));
+    // What the recipe's ZeRO stage should send by the same ring formula (`zero_passes`).
+    let zero = recipe.parallel.zero_stage;
+    let zero_formula = |r: &Row| zero_passes(zero, r.micro_batches) / 2.0 * formula(r);
+    let zero_ratio = |r: &Row| (r.nodes > 1 && r.stages == 1).then(|| r.bytes_per_step / zero_formula(r));
     if a.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r), "pipeline_stages": r.stages, "micro_batches": r.micro_batches, "stage_busy_s": r.stage_busy, "stage_span_s": r.stage_span, "bubble": bubble(r).map(|b| b.0), "bubble_predicted": bubble(r).map(|b| b.1)}))
+            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r), "zero_stage": zero, "zero_formula_bytes": zero_formula(r), "bytes_vs_zero_formula": zero_ratio(r), "pipeline_stages": r.stages, "micro_batches": r.micro_batches, "stage_busy_s": r.stage_busy, "stage_span_s": r.stage_span, "bubble": bubble(r).map(|b| b.0), "bubble_predicted": bubble(r).map(|b| b.1)}))
             .collect();
         println!(
             "{}",
@@ -181,12 +185,20 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         model_bytes / 1e6
     );
     println!(
-        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>7} | {:>9} | {:>10} | {:>10} | {:>7}",
-        "nodes", "steps", "s/step", "tokens/s", "MFU", "scaling", "peak GiB", "final loss", "sent MB", "formula"
+        "ZeRO-{zero} = the same over what ZeRO-{zero} sends by the ring formula: {}",
+        match zero {
+            2 => "(k+1)(n-1)/n x the model for k micro-batches (each one's gradient is reduce-scattered)",
+            3 => "3(n-1)/n x the model (all-gathered for the forward and again for the backward, reduce-scattered)",
+            _ => "2(n-1)/n x the model, as above",
+        }
     );
     println!(
-        "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}-+-{:-<10}-+-{:-<7}",
-        "", "", "", "", "", "", "", "", "", ""
+        "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>7} | {:>9} | {:>10} | {:>10} | {:>7} | {:>7}",
+        "nodes", "steps", "s/step", "tokens/s", "MFU", "scaling", "peak GiB", "final loss", "sent MB", "formula", format!("ZeRO-{zero}")
+    );
+    println!(
+        "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}-+-{:-<10}-+-{:-<7}-+-{:-<7}",
+        "", "", "", "", "", "", "", "", "", "", ""
     );
     if rows.iter().any(|r| r.stages > 1) {
         println!(
@@ -208,7 +220,7 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             );
         }
         println!(
-            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>7} | {:>9.2} | {:>10.4} | {:>10.3} | {:>7}",
+            "{:>6} | {:>8} | {:>10.3} | {:>10.0} | {:>5.1}% | {:>7} | {:>9.2} | {:>10.4} | {:>10.3} | {:>7} | {:>7}",
             r.nodes,
             r.timed_steps,
             r.seconds / r.timed_steps as f64,
@@ -218,10 +230,24 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
             r.final_loss,
             r.bytes_per_step / 1e6,
-            ratio(r).map_or("-".to_string(), |x| format!("{x:.3}x"))
+            ratio(r).map_or("-".to_string(), |x| format!("{x:.3}x")),
+            zero_ratio(r).map_or("-".to_string(), |x| format!("{x:.3}x"))
         );
     }
     Ok(())
+}
+
+/// Passes of `(n - 1) / n` of the model over the ring that a data-parallel step of this ZeRO stage
+/// makes: ZeRO-1 reduce-scatters the gradient once and all-gathers the parameters once; ZeRO-2
+/// reduce-scatters each of the `micro_batches` gradients (it keeps only its shard between them);
+/// ZeRO-3 all-gathers the parameters for the forward and again for the recomputing backward, and
+/// reduce-scatters the gradient (FSDP's textbook 3).
+fn zero_passes(zero_stage: u8, micro_batches: usize) -> f64 {
+    match zero_stage {
+        2 => micro_batches.max(1) as f64 + 1.0,
+        3 => 3.0,
+        _ => 2.0,
+    }
 }
 
 /// Mean over each stage's replicas of `per_rank` (sums over `steps` steps), per step.
@@ -236,4 +262,38 @@ fn per_stage(recipe: &swarm_sharding::Recipe, nodes: usize, per_rank: &[f64], st
                 / (layout.replicas as f64 * steps as f64)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_stage_ring_passes() {
+        assert_eq!(zero_passes(1, 3), 2.0);
+        assert_eq!(zero_passes(2, 1), 2.0, "one micro-batch: ZeRO-2 sends what ZeRO-1 does");
+        assert_eq!(zero_passes(2, 2), 3.0);
+        assert_eq!(zero_passes(3, 4), 3.0);
+    }
+
+    #[test]
+    fn bubble_of_equal_stages_is_the_textbook_value() {
+        let r = Row {
+            nodes: 2,
+            timed_steps: 1,
+            seconds: 1.0,
+            tokens_per_s: 1.0,
+            final_loss: 0.0,
+            peak_memory_bytes: 0,
+            bytes_per_step: 0.0,
+            stages: 2,
+            micro_batches: 4,
+            stage_busy: vec![0.4, 0.4],
+            // 4 micro-batches of 0.1 s plus one fill/drain slot of 0.1 s: 0.5 s per stage.
+            stage_span: vec![0.5, 0.5],
+        };
+        let (measured, predicted) = bubble(&r).unwrap();
+        assert!((measured - 0.2).abs() < 1e-12, "{measured}");
+        assert!((predicted - 1.0 / 5.0).abs() < 1e-12, "{predicted}");
+    }
 }
