@@ -194,7 +194,17 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     );
     println!(
         "{:>6} | {:>8} | {:>10} | {:>10} | {:>6} | {:>7} | {:>9} | {:>10} | {:>10} | {:>7} | {:>7}",
-        "nodes", "steps", "s/step", "tokens/s", "MFU", "scaling", "peak GiB", "final loss", "sent MB", "formula", format!("ZeRO-{zero}")
+        "nodes",
+        "steps",
+        "s/step",
+        "tokens/s",
+        "MFU",
+        "scaling",
+        "peak GiB",
+        "final loss",
+        "sent MB",
+        "formula",
+        format!("ZeRO-{zero}")
     );
     println!(
         "{:-<6}-+-{:-<8}-+-{:-<10}-+-{:-<10}-+-{:-<6}-+-{:-<7}-+-{:-<9}-+-{:-<10}-+-{:-<10}-+-{:-<7}-+-{:-<7}",

@@ -70,14 +70,34 @@ impl FlatGrads {
         accumulate: bool,
         on_bucket: &mut dyn FnMut(Range<usize>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        self.backward_to_input(loss, accumulate, on_bucket, None).map(|_| ())
+    }
+
+    /// [`FlatGrads::backward`], also returning the gradient of `input`, a variable that is not
+    /// a parameter (a pipeline stage's input activations). Asking for an input that no gradient
+    /// reaches is an error.
+    pub fn backward_to_input(
+        &self,
+        loss: &Tensor,
+        accumulate: bool,
+        on_bucket: &mut dyn FnMut(Range<usize>) -> anyhow::Result<()>,
+        input: Option<&Var>,
+    ) -> anyhow::Result<Option<Tensor>> {
+        let input_id = input.map(|x| x.as_tensor().id());
+        let mut input_grad = None;
         let mut missing: Vec<usize> = self.buckets.iter().map(|b| b.len()).collect();
         let mut seen = vec![false; self.views.len()];
         let mut next = self.buckets.len();
         let mut failed: Option<anyhow::Error> = None;
         let mut hook = |var: &Tensor, grad: &Tensor| -> candle_core::Result<()> {
-            // A variable that is not one of the model's parameters (none exist today) has no
-            // place in the buffer; its gradient is dropped as candle would leave it unused.
-            let Some(&i) = self.index.get(&var.id()) else { return Ok(()) };
+            // A variable that is not one of the model's parameters has no place in the buffer:
+            // its gradient is kept if it is the input asked for, else dropped.
+            let Some(&i) = self.index.get(&var.id()) else {
+                if Some(var.id()) == input_id {
+                    input_grad = Some(grad.clone());
+                }
+                return Ok(());
+            };
             if accumulate {
                 swarm_kernels::add_into(self.views[i].as_tensor(), grad)?;
             } else {
@@ -106,7 +126,10 @@ impl FlatGrads {
         if let Some(i) = seen.iter().position(|s| !s) {
             bail!("no gradient reached {}: an op without a backward pass is in the model", self.names[i]);
         }
-        Ok(())
+        if input.is_some() && input_grad.is_none() {
+            bail!("no gradient reached the stage's input activations");
+        }
+        Ok(input_grad)
     }
 }
 
@@ -216,6 +239,35 @@ mod tests {
         // Without `accumulate` a backward pass starts over.
         grads.backward(&model.loss(&b).unwrap(), false, &mut |_| Ok(())).unwrap();
         assert_eq!(grads.flat.to_vec1::<f32>().unwrap(), plain(&b));
+    }
+
+    /// A pipeline stage's backward pass: the parameters' gradients land in the buffer and the
+    /// input activations' gradient comes back, each equal to candle's plain backward pass.
+    #[test]
+    fn the_gradient_of_a_stage_input_is_returned() {
+        let dev = Device::Cpu;
+        let mut model = Llama::init(&spec(), 7, &dev).unwrap();
+        let n = model.num_params();
+        model.pack(n).unwrap();
+        let (inputs, targets) = crate::model::split_windows(&windows()).unwrap();
+        let x = Var::from_tensor(&model.embed(&inputs).unwrap()).unwrap();
+        let loss = || model.head_loss(&model.layers(x.as_tensor().clone(), 0..2).unwrap(), &targets).unwrap();
+        let plain = loss().backward().unwrap();
+        let want_x = plain.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grads = FlatGrads::new(&model, n, 3_000).unwrap();
+        let got_x = grads.backward_to_input(&loss(), false, &mut |_| Ok(()), Some(&x)).unwrap();
+        assert_eq!(got_x.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want_x);
+        // The embedding is tied to the head: only the head's share reached it here.
+        let want_w: Vec<f32> = model
+            .params
+            .iter()
+            .flat_map(|p| plain.get(p.var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        assert_eq!(grads.flat.to_vec1::<f32>().unwrap(), want_w);
+        // An input the loss does not depend on is an error, not a silent zero.
+        let unused = Var::from_tensor(&x.as_tensor().zeros_like().unwrap()).unwrap();
+        let err = grads.backward_to_input(&loss(), false, &mut |_| Ok(()), Some(&unused)).unwrap_err();
+        assert!(err.to_string().contains("stage's input"), "{err}");
     }
 
     #[test]

@@ -78,11 +78,7 @@ impl Link {
 
     /// Queues `data` for the peer; blocks only while [`QUEUE`] messages are already waiting.
     pub fn send(&mut self, data: &[f32]) -> anyhow::Result<()> {
-        let mut msg = Vec::with_capacity(8 + data.len() * 4);
-        msg.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        for v in data {
-            msg.extend_from_slice(&v.to_le_bytes());
-        }
+        let msg = super::encode_f32s(data);
         let n = msg.len() as u64;
         let queued = self.queue.as_ref().is_some_and(|q| q.send(msg).is_ok());
         if !queued {
@@ -103,11 +99,8 @@ impl Link {
         if n != expect {
             bail!("{} sent {n} values where {expect} were expected (a different model or plan?)", self.peer);
         }
-        let mut payload = vec![0u8; n * 4];
-        self.recv
-            .read_exact(&mut payload)
-            .with_context(|| format!("receiving from {}: the connection closed mid-message", self.peer))?;
-        Ok(payload.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+        super::read_f32s(&mut self.recv, n)
+            .with_context(|| format!("receiving from {}: the connection closed mid-message", self.peer))
     }
 
     /// Bytes queued for sending so far (header and payload).

@@ -138,11 +138,7 @@ impl Ring {
         let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
             bail!("ring exchange with a group of one");
         };
-        let mut bytes = Vec::with_capacity(8 + out.len() * 4);
-        bytes.extend_from_slice(&(out.len() as u64).to_le_bytes());
-        for v in out {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        let bytes = super::encode_f32s(out);
         let (next_peer, prev_peer) = (&self.next_peer, &self.prev_peer);
         let received = std::thread::scope(|s| -> anyhow::Result<Vec<f32>> {
             let sender =
@@ -158,10 +154,8 @@ impl Ring {
                     if n != expect {
                         bail!("{prev_peer} sent {n} values where {expect} were expected (a different model or plan?)");
                     }
-                    let mut payload = vec![0u8; n * 4];
-                    prev.read_exact(&mut payload)
-                        .with_context(|| format!("receiving from {prev_peer}: the connection closed mid-message"))?;
-                    Ok(payload.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+                    super::read_f32s(prev, n)
+                        .with_context(|| format!("receiving from {prev_peer}: the connection closed mid-message"))
                 });
             let sent = sender.join().map_err(|_| anyhow::anyhow!("the ring sender thread panicked"))?;
             let received = recv?;

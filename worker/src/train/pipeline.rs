@@ -16,6 +16,8 @@
 //!   and sends the new weights back.
 //! - **Step**: reduce-scatter of the stage's gradient in its group, the global norm summed over
 //!   every rank (the shards partition the model), AdamW on the shard, all-gather in the group.
+//!   A CUDA stage without replicas skips the group: its gradients, moments and master weights
+//!   stay on the device ([`DeviceStage`]) and the AdamW kernel writes the packed parameters.
 
 use super::{Report, StepStats, TrainContext, check_norm, decay_segments, flatten_params, load_start, peak_memory};
 use crate::checkpoint::RankShard;
@@ -91,6 +93,9 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
     }
     let dtype = super::compute_dtype(t.precision, &device);
     model.cast(dtype)?;
+    // Filled below once the moments are known: a CUDA stage without replicas keeps its gradients
+    // and optimizer on the device.
+    let mut on_device: Option<DeviceStage> = None;
 
     // Links: every rank in a ring (the norm, checkpoints), the stage's group, the neighbours.
     let mut world = Ring::connect(&ctx.data_plane, a.job, a.attempt, a.rank, &a.peers, &ctx.aborter)?;
@@ -143,13 +148,16 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         })
         .collect();
     debug_assert_eq!(seg_off, params.len());
+    if device.is_cuda() && replicas == 1 {
+        on_device = Some(DeviceStage::new(&mut model, &params, &m, &v)?);
+    }
     let (offset, count) = (a.share.offset, a.share.count);
     let micro = recipe.micro_batch_rows(replica, count);
     let pieces = super::micro_batches(count, micro);
     let mb = pieces.len();
     let warmup = (stages - stage - 1).min(mb);
     let (h, seq) = (spec.hidden_size, t.seq_len);
-    tracing::info!(job = %a.job, rank = %a.rank, stage, replica, layers = ?my_layers, params = params.len(), own = own.len(), micro_batches = mb, "training a pipeline stage");
+    tracing::info!(job = %a.job, rank = %a.rank, stage, replica, layers = ?my_layers, params = params.len(), own = own.len(), micro_batches = mb, optimizer = if on_device.is_some() { "device" } else { "host" }, "training a pipeline stage");
 
     let bytes = |world: &Ring, group: &Ring, links: [&Option<Link>; 3]| {
         world.bytes_sent()
@@ -157,6 +165,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             + links.iter().map(|l| l.as_ref().map_or(0, Link::bytes_sent)).sum::<u64>()
     };
     let mut sent_before = bytes(&world, &group, [&prev, &next, &tied_link]);
+    let profile = std::env::var_os("SWARM_PROFILE").is_some();
     for step_no in start.0 + 1..=t.steps {
         let step = Step(step_no);
         if ctx.cancel.load(Ordering::Relaxed) {
@@ -225,72 +234,140 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                         (&f.out * &g)?.sum_all()?
                     }
                 };
-                let grads = root.backward()?;
-                let g = super::flat_grads(&model, &grads)?;
-                match &mut grad {
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                    None => grad = Some(g),
-                }
-                if let (Some(p), Some(x)) = (&mut prev, &f.input) {
-                    let gx = grads.get(x.as_tensor()).context("no gradient reached the stage's input")?;
+                let gx = match &on_device {
+                    // Backward passes run in micro-batch order: the first one starts the sum.
+                    Some(d) => d.backward(&root, i > 0, f.input.as_ref())?,
+                    None => {
+                        let grads = root.backward()?;
+                        let g = super::flat_grads(&model, &grads)?;
+                        match &mut grad {
+                            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                            None => grad = Some(g),
+                        }
+                        match &f.input {
+                            Some(x) => {
+                                Some(grads.get(x.as_tensor()).context("no gradient reached the stage's input")?.clone())
+                            }
+                            None => None,
+                        }
+                    }
+                };
+                if let (Some(p), Some(gx)) = (&mut prev, gx) {
                     p.send(&gx.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
                 }
             }
         }
-        let mut grad = grad.context("a step with no micro-batches")?;
         let busy = t0.elapsed().as_secs_f64() - idle;
-        // The tied embedding: the last stage's share of its gradient joins the first stage's.
-        let t1 = Instant::now();
-        if let Some(tl) = &mut tied_link {
-            if last && !first {
-                tl.send(&grad[..tied_len])?;
-                grad.drain(..tied_len);
-            } else {
-                let n = spec.vocab_size * h;
-                let other = tl.recv(n)?;
-                grad[..n].iter_mut().zip(other).for_each(|(a, b)| *a += b);
+        let cfg = |decays: bool| AdamW {
+            lr,
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: if decays { t.weight_decay } else { 0.0 },
+        };
+        let (norm, comm) = match &mut on_device {
+            Some(d) => {
+                let t1 = Instant::now();
+                // The tied embedding: the last stage's share of its gradient joins the first
+                // stage's, and the first stage's new weights come back.
+                if let Some(tl) = &mut tied_link {
+                    if last && !first {
+                        tl.send(&d.grads().narrow(0, 0, tied_len)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                    } else {
+                        let n = spec.vocab_size * h;
+                        let other = Tensor::from_vec(tl.recv(n)?, n, &device)?.to_dtype(dtype)?;
+                        swarm_kernels::add_into(&d.grads().narrow(0, 0, n)?, &other)?;
+                    }
+                }
+                let g = d.grads().narrow(0, tied_len, params.len())?;
+                let norm = world.all_reduce_small(&[d.sum_squares(&g)?])?[0].sqrt();
+                let mut comm = t1.elapsed().as_secs_f64();
+                check_norm(norm, step)?;
+                let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
+                adam_step += 1;
+                d.step(&decay, &cfg, adam_step, scale, tied_len, params.len())?;
+                let t3 = Instant::now();
+                if let Some(tl) = &mut tied_link {
+                    if first {
+                        let n = spec.vocab_size * h;
+                        tl.send(&d.packed().narrow(0, 0, n)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                    } else {
+                        let w = tl.recv(tied_len)?;
+                        let p = &model.params[0];
+                        p.var.set(&Tensor::from_vec(w, p.var.shape(), &device)?.to_dtype(dtype)?)?;
+                    }
+                }
+                device.synchronize()?;
+                comm += t3.elapsed().as_secs_f64();
+                (norm, comm)
             }
-        }
-        let r = group.reduce_scatter(&mut grad)?;
-        let g = &mut grad[r];
-        let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
-        let norm = world.all_reduce_small(&[sumsq])?[0].sqrt();
-        let mut comm = t1.elapsed().as_secs_f64();
-        check_norm(norm, step)?;
-        if t.grad_clip > 0.0 && norm > t.grad_clip {
-            let c = (t.grad_clip / norm) as f32;
-            g.iter_mut().for_each(|x| *x *= c);
-        }
-        adam_step += 1;
-        let p_own = &mut params[own.clone()];
-        for (r, decays) in &decay {
-            let cfg = AdamW {
-                lr,
-                beta1: t.beta1,
-                beta2: t.beta2,
-                eps: t.eps,
-                weight_decay: if *decays { t.weight_decay } else { 0.0 },
-            };
-            adamw_step(&cfg, adam_step, &mut p_own[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
-        }
-        let t3 = Instant::now();
-        group.all_gather(&mut params)?;
-        if let Some(tl) = &mut tied_link {
-            if first {
-                tl.send(&params[..spec.vocab_size * h])?;
-            } else {
-                let w = tl.recv(tied_len)?;
-                let p = &model.params[0];
-                p.var.set(&Tensor::from_vec(w, p.var.shape(), &device)?.to_dtype(dtype)?)?;
+            None => {
+                let mut grad = grad.take().context("a step with no micro-batches")?;
+                // The tied embedding: the last stage's share of its gradient joins the first stage's.
+                let t1 = Instant::now();
+                if let Some(tl) = &mut tied_link {
+                    if last && !first {
+                        tl.send(&grad[..tied_len])?;
+                        grad.drain(..tied_len);
+                    } else {
+                        let n = spec.vocab_size * h;
+                        let other = tl.recv(n)?;
+                        grad[..n].iter_mut().zip(other).for_each(|(a, b)| *a += b);
+                    }
+                }
+                let r = group.reduce_scatter(&mut grad)?;
+                let g = &mut grad[r];
+                let sumsq: f64 = g.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+                let norm = world.all_reduce_small(&[sumsq])?[0].sqrt();
+                let mut comm = t1.elapsed().as_secs_f64();
+                check_norm(norm, step)?;
+                if t.grad_clip > 0.0 && norm > t.grad_clip {
+                    let c = (t.grad_clip / norm) as f32;
+                    g.iter_mut().for_each(|x| *x *= c);
+                }
+                adam_step += 1;
+                let p_own = &mut params[own.clone()];
+                for (r, decays) in &decay {
+                    adamw_step(
+                        &cfg(*decays),
+                        adam_step,
+                        &mut p_own[r.clone()],
+                        &g[r.clone()],
+                        &mut m[r.clone()],
+                        &mut v[r.clone()],
+                    );
+                }
+                let t3 = Instant::now();
+                group.all_gather(&mut params)?;
+                if let Some(tl) = &mut tied_link {
+                    if first {
+                        tl.send(&params[..spec.vocab_size * h])?;
+                    } else {
+                        let w = tl.recv(tied_len)?;
+                        let p = &model.params[0];
+                        p.var.set(&Tensor::from_vec(w, p.var.shape(), &device)?.to_dtype(dtype)?)?;
+                    }
+                }
+                comm += t3.elapsed().as_secs_f64();
+                write_params(&model, tied_len, &params)?;
+                (norm, comm)
             }
-        }
-        comm += t3.elapsed().as_secs_f64();
-        write_params(&model, tied_len, &params)?;
+        };
         cursor += t.global_batch as u64;
         let loss_value = match &loss_sum {
             Some(l) => f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?),
             None => 0.0,
         };
+        if profile {
+            eprintln!(
+                "{step}: stage {stage}: schedule {:.1} ms (work {:.1}, waiting {:.1}), then {:.1} ms (exchanges {:.1})",
+                (busy + idle) * 1e3,
+                busy * 1e3,
+                idle * 1e3,
+                (t0.elapsed().as_secs_f64() - busy - idle) * 1e3,
+                comm * 1e3
+            );
+        }
         let sent = bytes(&world, &group, [&prev, &next, &tied_link]);
         (ctx.report)(Report::Step(StepStats {
             step,
@@ -311,6 +388,9 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             // Every rank's own range, gathered to rank 0, which writes the whole model.
             let ranges: Vec<Range<usize>> =
                 (0..a.peers.len()).map(|r| owned_range(spec, &layout, r)).collect::<anyhow::Result<_>>()?;
+            if let Some(d) = &on_device {
+                (params, m, v) = d.to_host()?;
+            }
             if ranges[rank] != own_global {
                 bail!("rank {rank}: owns {own_global:?} but the layout gives {:?}", ranges[rank]);
             }
@@ -335,6 +415,113 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         }
     }
     Ok(Step(t.steps))
+}
+
+/// A CUDA stage's gradients and optimizer, kept on the device (a stage without replicas: no
+/// group to reduce over, so nothing but the tied embedding's share and the activations crosses
+/// PCIe). The parameters are packed into one buffer (the last stage's tied copy first), the
+/// gradients land in a flat buffer of the same layout, and the AdamW kernel writes the new
+/// weights into the packed buffer in place.
+#[cfg(feature = "cuda")]
+struct DeviceStage {
+    adam: swarm_kernels::DeviceAdamW,
+    packed: Tensor,
+    grads: crate::flat_grads::FlatGrads,
+}
+
+/// Without CUDA there is no device stage (this type has no values).
+#[cfg(not(feature = "cuda"))]
+enum DeviceStage {}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::unused_self)]
+impl DeviceStage {
+    fn new(_: &mut Llama, _: &[f32], _: &[f32], _: &[f32]) -> anyhow::Result<Self> {
+        bail!("a device stage needs a build with --features cuda")
+    }
+    fn sum_squares(&self, _: &Tensor) -> anyhow::Result<f64> {
+        match *self {}
+    }
+    fn backward(&self, _: &Tensor, _: bool, _: Option<&Var>) -> anyhow::Result<Option<Tensor>> {
+        match *self {}
+    }
+    fn grads(&self) -> &Tensor {
+        match *self {}
+    }
+    fn packed(&self) -> &Tensor {
+        match *self {}
+    }
+    fn step(
+        &mut self,
+        _: &[(Range<usize>, bool)],
+        _: &dyn Fn(bool) -> AdamW,
+        _: u64,
+        _: f32,
+        _: usize,
+        _: usize,
+    ) -> anyhow::Result<()> {
+        match *self {}
+    }
+    fn to_host(&self) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceStage {
+    /// Packs `model` (the stage's parameters, the tied copy first where there is one) and uploads
+    /// the stage's own f32 master weights and moments.
+    fn new(model: &mut Llama, master: &[f32], m: &[f32], v: &[f32]) -> anyhow::Result<Self> {
+        let n = model.num_params();
+        let packed = model.pack(n)?;
+        let grads = crate::flat_grads::FlatGrads::new(model, n, n)?;
+        let adam = swarm_kernels::DeviceAdamW::new(model.device(), master, m, v)?;
+        Ok(DeviceStage { adam, packed, grads })
+    }
+
+    fn sum_squares(&self, g: &Tensor) -> anyhow::Result<f64> {
+        Ok(swarm_kernels::sum_squares(g)?)
+    }
+
+    /// The backward pass of one micro-batch into the gradient buffer (added to it when
+    /// `accumulate`), returning the gradient of the stage's input activations.
+    fn backward(&self, root: &Tensor, accumulate: bool, input: Option<&Var>) -> anyhow::Result<Option<Tensor>> {
+        self.grads.backward_to_input(root, accumulate, &mut |_| Ok(()), input)
+    }
+
+    /// The flat gradient buffer (the packed layout).
+    fn grads(&self) -> &Tensor {
+        &self.grads.flat
+    }
+
+    /// The packed parameters.
+    fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    /// One AdamW step over the stage's own parameters, which start at `skip` in the packed and
+    /// gradient buffers and number `len`.
+    fn step(
+        &mut self,
+        decay: &[(Range<usize>, bool)],
+        cfg: &dyn Fn(bool) -> AdamW,
+        adam_step: u64,
+        scale: f32,
+        skip: usize,
+        len: usize,
+    ) -> anyhow::Result<()> {
+        let g = self.grads.flat.narrow(0, skip, len)?;
+        let out = self.packed.narrow(0, skip, len)?;
+        for (r, decays) in decay {
+            self.adam.step(&cfg(*decays), adam_step, r.clone(), scale, &g, Some(&out))?;
+        }
+        Ok(())
+    }
+
+    /// Master weights and moments, for a checkpoint.
+    fn to_host(&self) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(self.adam.to_host()?)
+    }
 }
 
 /// Writes the stage's parameter vector into the model (after its first `skip` values' worth
