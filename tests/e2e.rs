@@ -340,6 +340,29 @@ fn two_stages_times_two_replicas_train_the_same_model_as_one_worker() {
     // the activations and their gradients (4 micro-batches of 2 x 32 x 64 f32 each way).
     let sent = ppdp.1["bytes_sent"].as_u64().expect("bytes_sent");
     assert!(sent > 0, "{}", ppdp.1);
+    // A tied head: the last stage owns the embedding, so its ZeRO shards span two ranges of the
+    // flat vector (the embedding, then its layers). Same model as one worker, and a checkpoint
+    // of those shards resumes at step 10 on the same bits.
+    let tied = ", tie_word_embeddings: true";
+    let one = run_parallel("tied-1-mb2", 1, "micro_batch_rows: [2]", tied);
+    let ppdp = run_parallel("tied-pp2-dp2", 4, "pipeline_stages: 2, micro_batch_rows: [2, 2]", tied);
+    assert_close(&losses(&one.1), &losses(&ppdp.1), LOSS_RTOL, "tied head: 1 worker vs 2 stages x 2 replicas");
+    assert_same_final_params(
+        &one.0,
+        &ppdp.0,
+        "tied head: 1 worker vs 2 stages x 2 replicas",
+        MICRO_MAX_ABS,
+        MICRO_MAX_REL,
+    );
+    let last = format!("step-{STEPS:06}/model.safetensors");
+    let uninterrupted = read_params(&ppdp.0.join(&last));
+    for s in [15, 20] {
+        std::fs::remove_dir_all(ppdp.0.join(format!("step-{s:06}"))).unwrap();
+    }
+    let resumed = train_json(&scratch().join("tied-pp2-dp2/recipe.yaml"), 4, true);
+    assert_eq!(resumed["start_step"], 10);
+    assert_eq!(losses(&resumed), losses(&ppdp.1)[10..], "tied 2 stages x 2 replicas resumed at step 10: losses");
+    assert!(read_params(&ppdp.0.join(&last)) == uninterrupted, "tied 2 stages x 2 replicas resumed: parameters differ");
 }
 
 #[test]

@@ -197,20 +197,40 @@ impl Ring {
         ranges: &[Range<usize>],
         total: usize,
     ) -> anyhow::Result<Option<Vec<f32>>> {
+        let lists: Vec<Vec<Range<usize>>> = ranges.iter().map(|r| vec![r.clone()]).collect();
+        self.gather_range_lists_to_first(own, &lists, total)
+    }
+
+    /// [`Ring::gather_ranges_to_first`] where each rank owns a list of ranges (`own` holds their
+    /// values concatenated): a pipeline's last stage holds a tied embedding and its layers.
+    pub fn gather_range_lists_to_first(
+        &mut self,
+        own: &[f32],
+        lists: &[Vec<Range<usize>>],
+        total: usize,
+    ) -> anyhow::Result<Option<Vec<f32>>> {
         let (n, r) = (self.world, self.rank);
-        if ranges.len() != n || ranges[r].len() != own.len() {
-            bail!("gather: {} ranges for a ring of {n}, or a chunk of the wrong size", ranges.len());
+        let len = |i: usize| lists[i].iter().map(Range::len).sum::<usize>();
+        if lists.len() != n || len(r) != own.len() {
+            bail!("gather: {} range lists for a ring of {n}, or a chunk of the wrong size", lists.len());
         }
         let mut full = (r == 0).then(|| vec![0f32; total]);
+        let place = |full: &mut [f32], from: usize, values: &[f32]| {
+            let mut off = 0;
+            for g in &lists[from] {
+                full[g.clone()].copy_from_slice(&values[off..off + g.len()]);
+                off += g.len();
+            }
+        };
         if let Some(f) = &mut full {
-            f[ranges[0].clone()].copy_from_slice(own);
+            place(f, 0, own);
         }
         let mut carry = own.to_vec();
         for k in 0..n.saturating_sub(1) {
-            let recv = ranges[(r + 2 * n - k - 1) % n].clone();
-            let got = self.exchange(&carry, recv.len())?;
+            let from = (r + 2 * n - k - 1) % n;
+            let got = self.exchange(&carry, len(from))?;
             if let Some(f) = &mut full {
-                f[recv].copy_from_slice(&got);
+                place(f, from, &got);
             }
             carry = got;
         }

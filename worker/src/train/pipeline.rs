@@ -2,18 +2,22 @@
 //! stage's data-parallel group (ZeRO-1 inside it).
 //!
 //! - **Layout** (`StageLayout`): rank = stage × replicas + replica. The first stage holds the
-//!   embedding, the last the final norm and LM head (and, when the embedding is tied to the
-//!   head, a copy of it). Every stage's own parameters are a contiguous range of the model's
-//!   flat vector (`param_shapes` order is stage order), so the ranks' ZeRO shards partition it
-//!   exactly as without stages, and checkpoints keep their format.
+//!   embedding, the last the final norm and LM head; an embedding tied to the head is the last
+//!   stage's. Each stage's parameters are one range of the model's flat vector (`param_shapes`
+//!   order is stage order), or two on the last stage of a tied model (the embedding at the start,
+//!   then its layers); a stage's ZeRO shards are cut from their concatenation, so the ranks'
+//!   shards partition the vector exactly as without stages, and checkpoints keep their format.
 //! - **Schedule**: 1F1B over the replica's micro-batches. Stage s runs `stages − s − 1` forward
 //!   passes ahead, then alternates one forward and one backward, then drains the backward
 //!   passes. Activations go to the next stage and their gradients come back over direct links
 //!   (`comm::link`, channel [`NEXT`]); a stage's backward pass starts from the incoming gradient
 //!   `g` as the backward of `sum(out · g)`, whose gradient with respect to `out` is exactly `g`.
-//! - **Tied embeddings**: the last stage's copy of the embedding is not optimized there. Its
-//!   gradient goes to the first stage ([`TIED`] link), which adds it to the embedding's, updates,
-//!   and sends the new weights back.
+//! - **Tied embeddings** ([`TIED`] link, sparse): the last stage owns the table (the head's
+//!   gradient is dense there). At the start of a step it sends the rows of the step's distinct
+//!   input tokens; the first stage looks its inputs up in them, and at the end of its schedule
+//!   sends back the gradient of its inputs, a row per token, which the last stage adds into the
+//!   table's gradient. Both ends know the tokens (they read the same rows), so no ids travel:
+//!   at most 2 × tokens × hidden values a step, where the whole table went each way before.
 //! - **Step**: reduce-scatter of the stage's gradient in its group, the global norm summed over
 //!   every rank (the shards partition the model), AdamW on the shard, all-gather in the group.
 //!   A CUDA stage without replicas skips the group: its gradients, moments and master weights
@@ -69,11 +73,10 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
 
     let (dataset, mut order) = super::open_data(recipe, spec)?;
 
-    let keep = |name: &str| match layer_of(name) {
-        Some(l) => my_layers.contains(&l),
-        None if name == "model.embed_tokens.weight" => first || (last && tied),
-        None => last,
-    };
+    // A tied embedding is the LM head's weight: the last stage owns it (the head's gradient is
+    // dense there), and the first stage looks its rows up from what the last stage sends.
+    let tied_split = tied && stages > 1;
+    let keep = |name: &str| owns(name, &my_layers, first, last, tied_split);
     // A fresh start initialises only this stage's parameters (to the values one process would
     // give them). Resuming, or starting from Hugging Face weights, loads the whole model and
     // drops the other stages' parameters.
@@ -83,13 +86,14 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         load_start(a, spec, &device)?
     };
     model.retain(keep);
-    // The stage's own range of the flat vector; the last stage's tied copy is not in it.
+    // The stage's ranges of the flat vector (two on the last stage of a tied model: the
+    // embedding, then its layers); its parameters are their concatenation.
     let total: usize = param_shapes(spec).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    let stage_range = stage_range(spec, &layout, stage)?;
-    let tied_len = if last && tied && !first { spec.vocab_size * spec.hidden_size } else { 0 };
-    let mut params = flatten_params(&model)?.split_off(tied_len);
-    if params.len() != stage_range.len() {
-        bail!("stage {stage}: {} parameters where its range holds {}", params.len(), stage_range.len());
+    let stage_ranges = stage_ranges(spec, &layout, stage)?;
+    let mut params = flatten_params(&model)?;
+    let stage_len: usize = stage_ranges.iter().map(Range::len).sum();
+    if params.len() != stage_len {
+        bail!("stage {stage}: {} parameters where its ranges {stage_ranges:?} hold {stage_len}", params.len());
     }
     let dtype = super::compute_dtype(t.precision, &device);
     model.cast(dtype)?;
@@ -116,13 +120,13 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
     // Lower stages dial, so connecting in stage order cannot deadlock.
     let mut prev = if first { None } else { Some(link(stage - 1, NEXT)?) };
     let mut next = if last { None } else { Some(link(stage + 1, NEXT)?) };
-    let mut tied_link = match (tied && stages > 1, first, last) {
+    let mut tied_link = match (tied_split, first, last) {
         (true, true, _) => Some(link(stages - 1, TIED)?),
         (true, _, true) => Some(link(0, TIED)?),
         _ => None,
     };
     let own = group.own_range(params.len());
-    let own_global = stage_range.start + own.start..stage_range.start + own.end;
+    let own_global = sub_ranges(&stage_ranges, own.clone());
     // The replicas of a stage must start from the same weights.
     let local: f64 = params.iter().map(|x| f64::from(*x)).sum();
     let sums = group.all_reduce_small(&[local, 1.0])?;
@@ -130,24 +134,17 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         bail!("the replicas of stage {stage} of {} start from different weights", a.job);
     }
     let (mut m, mut v, mut adam_step) = match resumed {
-        Some(o) => (o.exp_avg[own_global.clone()].to_vec(), o.exp_avg_sq[own_global.clone()].to_vec(), o.adam_step),
+        Some(o) => (pick(&o.exp_avg, &own_global), pick(&o.exp_avg_sq, &own_global), o.adam_step),
         None => (vec![0f32; own.len()], vec![0f32; own.len()], 0),
     };
-    // Decay segments of the stage's own parameters (the tied copy skipped), within the shard.
-    let mut seg_off = 0;
+    // Decay segments of the stage's parameters, within the shard.
     let decay: Vec<(Range<usize>, bool)> = decay_segments(&model)
         .into_iter()
         .filter_map(|(r, d)| {
-            if r.end <= tied_len {
-                return None;
-            }
-            let r = r.start - tied_len..r.end - tied_len;
-            seg_off = r.end;
             let (s, e) = (r.start.max(own.start), r.end.min(own.end));
             (s < e).then(|| (s - own.start..e - own.start, d))
         })
         .collect();
-    debug_assert_eq!(seg_off, params.len());
     if device.is_cuda() && replicas == 1 {
         on_device = Some(DeviceStage::new(&mut model, &params, &m, &v)?);
     }
@@ -178,6 +175,28 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         let mut loss_sum: Option<Tensor> = None;
         let mut grad: Option<Vec<f32>> = None;
         let mut flight: std::collections::VecDeque<InFlight> = Default::default();
+        // The tied embedding's rows this step looks up: the distinct input tokens of the
+        // replica's rows (both ends of the tied link compute them from the same rows). The last
+        // stage sends their current values; the first stage looks its inputs up in them and
+        // sends back the gradient of its inputs, which the last stage adds to the table's.
+        let ids = if tied_split && (first || last) { input_ids(&dataset, &rows, seq) } else { Vec::new() };
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut tied_rows: Option<Tensor> = None;
+        let mut input_grads: Vec<Tensor> = Vec::new();
+        if let Some(tl) = &mut tied_link {
+            let table = Tensor::from_vec(distinct.clone(), distinct.len(), &device)?;
+            if last {
+                let w = model.params[0].var.as_tensor();
+                tl.send(&w.index_select(&table, 0)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+            } else {
+                let tw = Instant::now();
+                let got = tl.recv(distinct.len() * h)?;
+                idle += tw.elapsed().as_secs_f64();
+                tied_rows = Some(Tensor::from_vec(got, (distinct.len(), h), &device)?.to_dtype(dtype)?);
+            }
+        }
         // 1F1B: `warmup` forward passes, then one forward and one backward, then the rest.
         let mut ops: Vec<(bool, usize)> = (0..warmup).map(|i| (true, i)).collect();
         for i in 0..mb - warmup {
@@ -195,6 +214,20 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     None
                 };
                 let (input, x) = match &mut prev {
+                    None if tied_split => {
+                        // Looked up in the rows the last stage sent; the input is a leaf whose
+                        // gradient goes back to it.
+                        let at: Vec<u32> = ids[piece.start * seq..piece.end * seq]
+                            .iter()
+                            .map(|id| distinct.binary_search(id).map(|p| p as u32))
+                            .collect::<Result<_, _>>()
+                            .map_err(|_| anyhow::anyhow!("a token of the step is missing from its rows"))?;
+                        let at = Tensor::from_vec(at, len * seq, &device)?;
+                        let rows_t = tied_rows.as_ref().context("the tied embedding's rows")?;
+                        let x = Var::from_tensor(&rows_t.index_select(&at, 0)?.reshape((len, seq, h))?)?;
+                        let t = x.as_tensor().clone();
+                        (Some(x), t)
+                    }
                     None => (None, model.embed(&windows.as_ref().context("first stage")?.0)?),
                     Some(p) => {
                         let tw = Instant::now();
@@ -252,8 +285,12 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                         }
                     }
                 };
-                if let (Some(p), Some(gx)) = (&mut prev, gx) {
-                    p.send(&gx.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                match (&mut prev, gx) {
+                    (Some(p), Some(gx)) => p.send(&gx.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?,
+                    // The first stage of a tied model: kept until the schedule ends (sending now
+                    // could fill the link while the last stage waits for activations).
+                    (None, Some(gx)) => input_grads.push(gx.flatten_all()?),
+                    _ => {}
                 }
             }
         }
@@ -265,54 +302,42 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             eps: t.eps,
             weight_decay: if decays { t.weight_decay } else { 0.0 },
         };
+        // The tied embedding: the first stage's input gradients join the head's gradient of the
+        // table on the last stage (a row per input token, summed in token order).
+        let t1 = Instant::now();
+        let mut table_grad: Option<Vec<f32>> = None;
+        if let Some(tl) = &mut tied_link {
+            if first {
+                tl.send(&Tensor::cat(&input_grads, 0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+            } else {
+                table_grad = Some(tl.recv(ids.len() * h)?);
+            }
+        }
         let (norm, comm) = match &mut on_device {
             Some(d) => {
-                let t1 = Instant::now();
-                // The tied embedding: the last stage's share of its gradient joins the first
-                // stage's, and the first stage's new weights come back.
-                if let Some(tl) = &mut tied_link {
-                    if last && !first {
-                        tl.send(&d.grads().narrow(0, 0, tied_len)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
-                    } else {
-                        let n = spec.vocab_size * h;
-                        let other = Tensor::from_vec(tl.recv(n)?, n, &device)?.to_dtype(dtype)?;
-                        swarm_kernels::add_into(&d.grads().narrow(0, 0, n)?, &other)?;
-                    }
+                if let Some(dx) = table_grad {
+                    let at = Tensor::from_vec(ids.clone(), ids.len(), &device)?;
+                    let dx = Tensor::from_vec(dx, (ids.len(), h), &device)?;
+                    let dense = Tensor::zeros((spec.vocab_size, h), DType::F32, &device)?.index_add(&at, &dx, 0)?;
+                    let n = spec.vocab_size * h;
+                    swarm_kernels::add_into(&d.grads().narrow(0, 0, n)?, &dense.flatten_all()?.to_dtype(dtype)?)?;
                 }
-                let g = d.grads().narrow(0, tied_len, params.len())?;
-                let norm = world.all_reduce_small(&[d.sum_squares(&g)?])?[0].sqrt();
-                let mut comm = t1.elapsed().as_secs_f64();
+                let norm = world.all_reduce_small(&[d.sum_squares(d.grads())?])?[0].sqrt();
+                let comm = t1.elapsed().as_secs_f64();
                 check_norm(norm, step)?;
                 let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
                 adam_step += 1;
-                d.step(&decay, &cfg, adam_step, scale, tied_len, params.len())?;
-                let t3 = Instant::now();
-                if let Some(tl) = &mut tied_link {
-                    if first {
-                        let n = spec.vocab_size * h;
-                        tl.send(&d.packed().narrow(0, 0, n)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
-                    } else {
-                        let w = tl.recv(tied_len)?;
-                        let p = &model.params[0];
-                        p.var.set(&Tensor::from_vec(w, p.var.shape(), &device)?.to_dtype(dtype)?)?;
-                    }
-                }
+                d.step(&decay, &cfg, adam_step, scale)?;
                 device.synchronize()?;
-                comm += t3.elapsed().as_secs_f64();
                 (norm, comm)
             }
             None => {
                 let mut grad = grad.take().context("a step with no micro-batches")?;
-                // The tied embedding: the last stage's share of its gradient joins the first stage's.
-                let t1 = Instant::now();
-                if let Some(tl) = &mut tied_link {
-                    if last && !first {
-                        tl.send(&grad[..tied_len])?;
-                        grad.drain(..tied_len);
-                    } else {
-                        let n = spec.vocab_size * h;
-                        let other = tl.recv(n)?;
-                        grad[..n].iter_mut().zip(other).for_each(|(a, b)| *a += b);
+                if let Some(dx) = table_grad {
+                    // The table is the first of the last stage's parameters.
+                    for (t, &id) in ids.iter().enumerate() {
+                        let row = &mut grad[id as usize * h..(id as usize + 1) * h];
+                        row.iter_mut().zip(&dx[t * h..(t + 1) * h]).for_each(|(a, b)| *a += b);
                     }
                 }
                 let r = group.reduce_scatter(&mut grad)?;
@@ -339,17 +364,8 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                 }
                 let t3 = Instant::now();
                 group.all_gather(&mut params)?;
-                if let Some(tl) = &mut tied_link {
-                    if first {
-                        tl.send(&params[..spec.vocab_size * h])?;
-                    } else {
-                        let w = tl.recv(tied_len)?;
-                        let p = &model.params[0];
-                        p.var.set(&Tensor::from_vec(w, p.var.shape(), &device)?.to_dtype(dtype)?)?;
-                    }
-                }
                 comm += t3.elapsed().as_secs_f64();
-                write_params(&model, tied_len, &params)?;
+                super::unflatten_into(&model, &params)?;
                 (norm, comm)
             }
         };
@@ -385,16 +401,16 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         sent_before = sent;
 
         if step_no % recipe.checkpoint.every == 0 || step_no == t.steps {
-            // Every rank's own range, gathered to rank 0, which writes the whole model.
-            let ranges: Vec<Range<usize>> =
-                (0..a.peers.len()).map(|r| owned_range(spec, &layout, r)).collect::<anyhow::Result<_>>()?;
+            // Every rank's own ranges, gathered to rank 0, which writes the whole model.
+            let ranges: Vec<Vec<Range<usize>>> =
+                (0..a.peers.len()).map(|r| owned_ranges(spec, &layout, r)).collect::<anyhow::Result<_>>()?;
             if let Some(d) = &on_device {
                 (params, m, v) = d.to_host()?;
             }
             if ranges[rank] != own_global {
                 bail!("rank {rank}: owns {own_global:?} but the layout gives {:?}", ranges[rank]);
             }
-            let full = world.gather_ranges_to_first(&params[own.clone()], &ranges, total)?;
+            let full = world.gather_range_lists_to_first(&params[own.clone()], &ranges, total)?;
             super::write_checkpoint(
                 &mut ctx,
                 recipe,
@@ -406,7 +422,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     world: a.world_size,
                     params: full.as_deref(),
                     total,
-                    ranges: vec![own_global.clone()],
+                    ranges: own_global.clone(),
                     exp_avg: &m,
                     exp_avg_sq: &v,
                     adam_step,
@@ -448,18 +464,7 @@ impl DeviceStage {
     fn grads(&self) -> &Tensor {
         match *self {}
     }
-    fn packed(&self) -> &Tensor {
-        match *self {}
-    }
-    fn step(
-        &mut self,
-        _: &[(Range<usize>, bool)],
-        _: &dyn Fn(bool) -> AdamW,
-        _: u64,
-        _: f32,
-        _: usize,
-        _: usize,
-    ) -> anyhow::Result<()> {
+    fn step(&mut self, _: &[(Range<usize>, bool)], _: &dyn Fn(bool) -> AdamW, _: u64, _: f32) -> anyhow::Result<()> {
         match *self {}
     }
     fn to_host(&self) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
@@ -494,26 +499,16 @@ impl DeviceStage {
         &self.grads.flat
     }
 
-    /// The packed parameters.
-    fn packed(&self) -> &Tensor {
-        &self.packed
-    }
-
-    /// One AdamW step over the stage's own parameters, which start at `skip` in the packed and
-    /// gradient buffers and number `len`.
+    /// One AdamW step over the stage's parameters (the whole packed buffer).
     fn step(
         &mut self,
         decay: &[(Range<usize>, bool)],
         cfg: &dyn Fn(bool) -> AdamW,
         adam_step: u64,
         scale: f32,
-        skip: usize,
-        len: usize,
     ) -> anyhow::Result<()> {
-        let g = self.grads.flat.narrow(0, skip, len)?;
-        let out = self.packed.narrow(0, skip, len)?;
         for (r, decays) in decay {
-            self.adam.step(&cfg(*decays), adam_step, r.clone(), scale, &g, Some(&out))?;
+            self.adam.step(&cfg(*decays), adam_step, r.clone(), scale, &self.grads.flat, Some(&self.packed))?;
         }
         Ok(())
     }
@@ -524,54 +519,85 @@ impl DeviceStage {
     }
 }
 
-/// Writes the stage's parameter vector into the model (after its first `skip` values' worth
-/// of parameters: the tied copy, which the first stage sends).
-fn write_params(model: &Llama, skip: usize, flat: &[f32]) -> anyhow::Result<()> {
-    let mut off = 0;
-    let mut seen = 0;
-    for p in &model.params {
-        let n = p.var.elem_count();
-        if seen < skip {
-            seen += n;
-            continue;
+/// Whether a stage (its layers, whether it is the first or the last, and whether a tied
+/// embedding is split between the first and last stages) holds parameter `name`. The last stage
+/// holds a tied embedding: it is the LM head's weight there.
+fn owns(name: &str, layers: &Range<usize>, first: bool, last: bool, tied_split: bool) -> bool {
+    match layer_of(name) {
+        Some(l) => layers.contains(&l),
+        None if name == "model.embed_tokens.weight" => {
+            if tied_split {
+                last
+            } else {
+                first
+            }
         }
-        let t = Tensor::from_slice(&flat[off..off + n], p.var.shape(), model.device())?.to_dtype(model.dtype())?;
-        p.var.set(&t)?;
-        off += n;
+        None => last,
     }
-    Ok(())
 }
 
-/// The range of the flat parameter vector that stage `stage` owns (and optimizes): its layers,
-/// the embedding on the first stage, the final norm and an untied LM head on the last.
-fn stage_range(spec: &swarm_sharding::ModelSpec, layout: &StageLayout, stage: usize) -> anyhow::Result<Range<usize>> {
+/// The ranges of the flat parameter vector that stage `stage` holds and optimizes, ascending:
+/// its layers, the embedding on the first stage (on the last when it is tied to the head), the
+/// final norm and an untied LM head on the last. One range, or two on the last stage of a tied
+/// model (the embedding at the start of the vector, then the stage's layers).
+fn stage_ranges(
+    spec: &swarm_sharding::ModelSpec,
+    layout: &StageLayout,
+    stage: usize,
+) -> anyhow::Result<Vec<Range<usize>>> {
     let layers = layout.layers[stage].clone();
     let (first, last) = (stage == 0, stage + 1 == layout.stages);
+    let tied_split = spec.tie_word_embeddings && layout.stages > 1;
     let mut off = 0;
-    let mut range: Option<Range<usize>> = None;
+    let mut ranges: Vec<Range<usize>> = Vec::new();
     for (name, shape) in param_shapes(spec) {
         let n: usize = shape.iter().product();
-        let mine = match layer_of(&name) {
-            Some(l) => layers.contains(&l),
-            None if name == "model.embed_tokens.weight" => first,
-            None => last,
-        };
-        if mine {
-            range = Some(match range {
-                Some(r) if r.end == off => r.start..off + n,
-                Some(r) => bail!("stage {stage}'s parameters are not contiguous at {name} (after {r:?})"),
-                None => off..off + n,
-            });
+        if owns(&name, &layers, first, last, tied_split) {
+            match ranges.last_mut() {
+                Some(r) if r.end == off => r.end = off + n,
+                _ => ranges.push(off..off + n),
+            }
         }
         off += n;
     }
-    range.context("a pipeline stage with no parameters")
+    if ranges.is_empty() {
+        bail!("pipeline stage {stage} holds no parameters");
+    }
+    Ok(ranges)
 }
 
-/// The range of the flat parameter vector that rank `rank` owns: its ZeRO shard of its stage's
-/// range.
-fn owned_range(spec: &swarm_sharding::ModelSpec, layout: &StageLayout, rank: usize) -> anyhow::Result<Range<usize>> {
-    let r = stage_range(spec, layout, layout.stage_of(rank))?;
-    let s = swarm_sharding::plan::shard_range(r.len(), layout.replicas, layout.replica_of(rank));
-    Ok(r.start + s.start..r.start + s.end)
+/// The global ranges of `local`, a range of the concatenation of `ranges`.
+fn sub_ranges(ranges: &[Range<usize>], local: Range<usize>) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    for r in ranges {
+        let (s, e) = (local.start.max(off), local.end.min(off + r.len()));
+        if s < e {
+            out.push(r.start + s - off..r.start + e - off);
+        }
+        off += r.len();
+    }
+    out
+}
+
+/// The values of `ranges` of `v`, concatenated.
+fn pick(v: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
+    ranges.iter().flat_map(|r| v[r.clone()].iter().copied()).collect()
+}
+
+/// The ranges of the flat parameter vector that rank `rank` owns: its ZeRO shard of its
+/// stage's ranges.
+fn owned_ranges(
+    spec: &swarm_sharding::ModelSpec,
+    layout: &StageLayout,
+    rank: usize,
+) -> anyhow::Result<Vec<Range<usize>>> {
+    let ranges = stage_ranges(spec, layout, layout.stage_of(rank))?;
+    let len = ranges.iter().map(Range::len).sum();
+    Ok(sub_ranges(&ranges, swarm_sharding::plan::shard_range(len, layout.replicas, layout.replica_of(rank))))
+}
+
+/// The input tokens (each window's first `seq`) of sample rows `rows`, in order.
+fn input_ids(dataset: &crate::data::Dataset, rows: &[u64], seq: usize) -> Vec<u32> {
+    rows.iter().flat_map(|&w| dataset.window(w, seq)[..seq].to_vec()).collect()
 }
