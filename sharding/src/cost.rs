@@ -220,26 +220,33 @@ impl ModelCost {
         linear + self.layer_small * wb
     }
 
+    /// Whether a device holds the embedding table: the embedding's device, except that a table
+    /// tied to the LM head belongs to the head's device (a pipeline's first stage then gets the
+    /// rows it looks up from the last, as `worker::train::pipeline` does).
+    fn holds_table(&self, embedding: bool, head: bool) -> bool {
+        if self.tied { head } else { embedding }
+    }
+
+    /// Parameters of an untied LM head on this device (a tied head is the table).
     fn head_params(&self, s: &Slot) -> u64 {
-        // A tied head on the embedding's device shares its weights.
-        if !s.head || (self.tied && s.embedding) { 0 } else { self.v * self.h }
+        if s.head && !self.tied { self.v * self.h } else { 0 }
     }
 
     /// Base weights a device holds for its layers, unsharded.
     pub fn stage_weight_bytes(&self, s: &Slot) -> u64 {
         let wb = Self::dtype_bytes(s.cpu);
         s.layers * self.layer_bytes(s.cpu)
-            + if s.embedding { self.v * self.h * wb } else { 0 }
+            + if self.holds_table(s.embedding, s.head) { self.v * self.h * wb } else { 0 }
             + (self.head_params(s) + if s.head { self.h } else { 0 }) * wb
     }
 
-    /// Trainable parameters of a device's layers (a tied head's copy is owned by the embedding).
+    /// Trainable parameters of a device's layers (a tied table is trained where the head is).
     pub fn trainable(&self, layers: u64, embedding: bool, head: bool) -> u64 {
         if !self.full {
             return layers * self.layer_lora;
         }
         layers * (self.layer_linear + self.layer_small)
-            + if embedding { self.v * self.h } else { 0 }
+            + if self.holds_table(embedding, head) { self.v * self.h } else { 0 }
             + if head { self.h + if self.tied { 0 } else { self.v * self.h } } else { 0 }
     }
 
@@ -250,7 +257,7 @@ impl ModelCost {
         let stage_w = self.stage_weight_bytes(s);
         let unit = self
             .layer_bytes(s.cpu)
-            .max(if s.embedding { self.v * self.h * wb } else { 0 })
+            .max(if self.holds_table(s.embedding, s.head) { self.v * self.h * wb } else { 0 })
             .max(self.head_params(s) * wb);
         let window = (cm.prefetch_layers * unit).min(stage_w);
         let t = self.trainable(s.layers, s.embedding, s.head);
@@ -342,5 +349,61 @@ impl ModelCost {
     /// the same size).
     pub fn boundary_bytes(&self, micro_batch: u64, cpu: bool) -> u64 {
         micro_batch * self.seq * self.h * Self::dtype_bytes(cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(tied: bool) -> ModelCost {
+        let mut m = ModelSpec::preset("llama-3.2-1b").unwrap();
+        m.tie_word_embeddings = tied;
+        let t = TrainSpec {
+            mode: TrainMode::Full,
+            seq_len: 2048,
+            global_batch: 8,
+            optimizer: Default::default(),
+            activation_checkpointing: false,
+            cpu_offload: false,
+            micro_batch: None,
+        };
+        ModelCost::new(&m, &t)
+    }
+
+    fn slot(layers: u64, embedding: bool, head: bool) -> Slot {
+        Slot {
+            layers,
+            embedding,
+            head,
+            dp: 1,
+            sharding: Sharding::Replicated,
+            offload: false,
+            checkpointing: false,
+            micro_batch: 1,
+            in_flight: 1,
+            pipeline: true,
+            cpu: false,
+        }
+    }
+
+    /// A table tied to the head is held and trained on the head's device; the first stage holds
+    /// none of it (it gets the rows it looks up). Untied, each end holds its own.
+    #[test]
+    fn a_tied_table_belongs_to_the_heads_stage() {
+        let table = 128_256 * 2048;
+        let (c, u) = (cost(true), cost(false));
+        let layers = c.trainable(8, false, false);
+        assert_eq!(c.trainable(8, true, false), layers, "tied: the first stage trains no table");
+        assert_eq!(c.trainable(8, false, true), layers + table + 2048, "tied: the last stage trains it");
+        assert_eq!(c.trainable(16, true, true), c.trainable(16, false, false) + table + 2048, "one stage: once");
+        assert_eq!(u.trainable(8, true, false), layers + table);
+        assert_eq!(u.trainable(8, false, true), layers + table + 2048);
+        let w =
+            |m: &ModelCost, e, h| m.stage_weight_bytes(&slot(8, e, h)) - m.stage_weight_bytes(&slot(8, false, false));
+        assert_eq!(w(&c, true, false), 0);
+        assert_eq!(w(&c, false, true), (table + 2048) * 2);
+        assert_eq!(w(&u, true, false), table * 2);
+        assert_eq!(w(&u, false, true), (table + 2048) * 2);
     }
 }
