@@ -324,6 +324,12 @@ fn two_pipeline_stages_train_the_same_model_as_one_worker() {
     let pp = run_parallel("tied-pp2", 2, "pipeline_stages: 2, micro_batch_rows: [2]", tied);
     assert_close(&losses(&one.1), &losses(&pp.1), LOSS_RTOL, "tied head: 1 worker vs 2 stages");
     assert_same_final_params(&one.0, &pp.0, "tied head: 1 worker vs 2 stages", 2e-3, 1e-4);
+    // Uneven micro-batches (3, 3 and 2 rows): the tied table's rows and returned input
+    // gradients follow each piece's tokens.
+    let one = run_parallel("tied-1-mb3", 1, "micro_batch_rows: [3]", tied);
+    let pp = run_parallel("tied-pp2-mb3", 2, "pipeline_stages: 2, micro_batch_rows: [3]", tied);
+    assert_close(&losses(&one.1), &losses(&pp.1), LOSS_RTOL, "tied head, micro-batches of 3: 1 worker vs 2 stages");
+    assert_same_final_params(&one.0, &pp.0, "tied head, micro-batches of 3: 1 worker vs 2 stages", 2e-3, 1e-4);
 }
 
 #[test]

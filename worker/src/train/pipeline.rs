@@ -186,8 +186,8 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         let mut tied_rows: Option<Tensor> = None;
         let mut input_grads: Vec<Tensor> = Vec::new();
         if let Some(tl) = &mut tied_link {
-            let table = Tensor::from_vec(distinct.clone(), distinct.len(), &device)?;
             if last {
+                let table = Tensor::from_vec(distinct.clone(), distinct.len(), &device)?;
                 let w = model.params[0].var.as_tensor();
                 tl.send(&w.index_select(&table, 0)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
             } else {
@@ -208,7 +208,9 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             let piece = pieces[i].clone();
             let len = piece.len();
             if forward {
-                let windows = if first || last {
+                // Token windows: the last stage's targets, the first stage's inputs (unless a
+                // tied table's rows, looked up by `ids`, stand in for the embedding).
+                let windows = if (first && !tied_split) || last {
                     Some(split_windows(&super::windows(&dataset, &rows[piece.clone()], seq, &device)?)?)
                 } else {
                     None
@@ -600,4 +602,48 @@ fn owned_ranges(
 /// The input tokens (each window's first `seq`) of sample rows `rows`, in order.
 fn input_ids(dataset: &crate::data::Dataset, rows: &[u64], seq: usize) -> Vec<u32> {
     rows.iter().flat_map(|&w| dataset.window(w, seq)[..seq].to_vec()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Over every rank of a layout, the owned ranges partition the flat vector exactly, tied
+    /// or not, for several stage and replica counts.
+    #[test]
+    fn owned_ranges_partition_the_model() {
+        for tied in [false, true] {
+            let mut spec = swarm_sharding::ModelSpec::preset("tiny").unwrap();
+            spec.tie_word_embeddings = tied;
+            let total: usize = param_shapes(&spec).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            for (stages, replicas) in [(2, 1), (2, 2), (2, 3), (3, 1), (4, 2)] {
+                let l = spec.num_hidden_layers;
+                let layers = (0..stages).map(|s| s * l / stages..(s + 1) * l / stages).collect();
+                let layout = StageLayout { stages, replicas, layers };
+                let mut all: Vec<Range<usize>> = (0..stages * replicas)
+                    .flat_map(|r| owned_ranges(&spec, &layout, r).unwrap())
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                all.sort_by_key(|r| r.start);
+                let mut at = 0;
+                for r in &all {
+                    assert_eq!(r.start, at, "tied {tied}, {stages} x {replicas}: gap or overlap at {at}");
+                    at = r.end;
+                }
+                assert_eq!(at, total, "tied {tied}, {stages} x {replicas}: the ranges end early");
+                let last = stage_ranges(&spec, &layout, stages - 1).unwrap();
+                assert_eq!(last.len(), if tied { 2 } else { 1 }, "tied {tied}: the last stage's ranges {last:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sub_ranges_map_a_local_range_through_the_gaps() {
+        let ranges = [0..4, 10..16];
+        assert_eq!(sub_ranges(&ranges, 0..10), vec![0..4, 10..16]);
+        assert_eq!(sub_ranges(&ranges, 2..6), vec![2..4, 10..12]);
+        assert_eq!(sub_ranges(&ranges, 5..7), vec![11..13]);
+        assert!(sub_ranges(&ranges, 3..3).is_empty());
+        assert_eq!(pick(&(0..20).map(|x| x as f32).collect::<Vec<_>>(), &[2..4, 10..12]), vec![2.0, 3.0, 10.0, 11.0]);
+    }
 }
