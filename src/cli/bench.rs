@@ -19,11 +19,15 @@ pub struct BenchTrainArgs {
     pub steps: u64,
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
-    /// The device's peak dense bf16 rate in TFLOP/s, for MFU (989 = H100 SXM).
     /// Sequences per step over all workers (default: the recipe's train.global_batch). The same
-    /// for every node count, so the scaling column compares the same work.
-    #[arg(long)]
+    /// for every node count, so the scaling column compares the same work (strong scaling).
+    #[arg(long, conflicts_with = "batch_per_worker")]
     pub global_batch: Option<usize>,
+    /// Sequences per step per worker instead: the global batch grows with the node count, and
+    /// the scaling column compares the same work per worker (weak scaling).
+    #[arg(long)]
+    pub batch_per_worker: Option<usize>,
+    /// The device's peak dense bf16 rate in TFLOP/s, for MFU (989 = H100 SXM).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
     #[arg(long)]
@@ -86,20 +90,29 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         }
         recipe.train.global_batch = b;
     }
+    if a.batch_per_worker == Some(0) {
+        bail!("--batch-per-worker 0: needs at least one sequence per worker");
+    }
+    // The global batch of a run on `n` workers.
+    let batch_for = |n: usize, fixed: usize| a.batch_per_worker.map_or(fixed, |b| b * n);
     // Every node count must be able to split the batch before any cluster starts.
-    recipe.validate().map_err(|e| anyhow::anyhow!("recipe {} with the bench's flags: {e}", a.recipe.display()))?;
+    let fixed = recipe.train.global_batch;
     for &n in &a.nodes {
+        recipe.train.global_batch = batch_for(n, fixed);
+        recipe.validate().map_err(|e| anyhow::anyhow!("recipe {} with the bench's flags: {e}", a.recipe.display()))?;
         recipe.batch_shares(n).map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
     }
+    recipe.train.global_batch = fixed;
     recipe.train.steps = a.steps;
     recipe.train.warmup_steps = recipe.train.warmup_steps.min(a.steps);
     recipe.checkpoint.every = a.steps;
     let scratch = std::env::temp_dir().join(format!("swarm-bench-{}", std::process::id()));
-    let tokens_per_step = (recipe.train.global_batch * recipe.train.seq_len) as f64;
+    let tokens_per_step = |n: usize| (batch_for(n, fixed) * recipe.train.seq_len) as f64;
     let mut rows = Vec::new();
     for &n in &a.nodes {
         let dir = scratch.join(format!("nodes-{n}"));
         recipe.checkpoint.dir = dir.join("checkpoints");
+        recipe.train.global_batch = batch_for(n, fixed);
         let mut cluster = LocalCluster::start(n, &dir.join("coordinator"), &dir.join("logs"))?;
         let addr = cluster.addr.clone();
         let mut seen: Vec<(u64, Instant)> = Vec::new();
@@ -125,7 +138,7 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             nodes: n,
             timed_steps: timed,
             seconds: secs,
-            tokens_per_s: timed as f64 * tokens_per_step / secs,
+            tokens_per_s: timed as f64 * tokens_per_step(n) / secs,
             final_loss: status.loss,
             peak_memory_bytes: status.peak_memory_bytes,
             bytes_per_step: status.bytes_sent as f64 / (a.steps * n as u64) as f64,
@@ -163,21 +176,30 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     if a.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"nodes": r.nodes, "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r), "zero_stage": zero, "zero_formula_bytes": zero_formula(r), "bytes_vs_zero_formula": zero_ratio(r), "pipeline_stages": r.stages, "micro_batches": r.micro_batches, "stage_busy_s": r.stage_busy, "stage_span_s": r.stage_span, "bubble": bubble(r).map(|b| b.0), "bubble_predicted": bubble(r).map(|b| b.1)}))
+            .map(|r| serde_json::json!({"nodes": r.nodes, "global_batch": batch_for(r.nodes, fixed), "timed_steps": r.timed_steps, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "final_loss": r.final_loss, "mfu": mfu(r), "scaling": scaling(r), "peak_memory_bytes": r.peak_memory_bytes, "bytes_sent_per_rank_step": r.bytes_per_step, "ring_formula_bytes": formula(r), "bytes_vs_formula": ratio(r), "zero_stage": zero, "zero_formula_bytes": zero_formula(r), "bytes_vs_zero_formula": zero_ratio(r), "pipeline_stages": r.stages, "micro_batches": r.micro_batches, "stage_busy_s": r.stage_busy, "stage_span_s": r.stage_span, "bubble": bubble(r).map(|b| b.0), "bubble_predicted": bubble(r).map(|b| b.1)}))
             .collect();
         println!(
             "{}",
-            serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": tokens_per_step, "flops_per_token": fpt, "peak_tflops": a.peak_tflops, "runs": out})
+            serde_json::json!({"recipe": a.recipe, "params": spec.param_count(), "tokens_per_step": a.nodes.iter().map(|&n| tokens_per_step(n)).collect::<Vec<_>>(), "scaling": if a.batch_per_worker.is_some() { "weak" } else { "strong" }, "flops_per_token": fpt, "peak_tflops": a.peak_tflops, "runs": out})
         );
         return Ok(());
     }
     println!(
-        "recipe {} ({:.2}M parameters, {} tokens/step, steps {}..{} timed)",
+        "recipe {} ({:.2}M parameters, {} tokens/step{}, steps {}..{} timed)",
         a.recipe.display(),
         spec.param_count() as f64 / 1e6,
-        tokens_per_step,
+        tokens_per_step(1),
+        if a.batch_per_worker.is_some() { " per worker" } else { "" },
         a.warmup,
         a.steps
+    );
+    println!(
+        "scaling = tokens/s over n x one worker's, {}",
+        if a.batch_per_worker.is_some() {
+            "each worker running the same batch (weak scaling)"
+        } else {
+            "the same global batch split over the workers (strong scaling)"
+        }
     );
     println!("MFU = tokens/s x {:.3e} FLOP/token / ({} TFLOP/s x nodes)", fpt, a.peak_tflops);
     println!(
