@@ -177,6 +177,48 @@ fn decay_segments(model: &Llama) -> Vec<(Range<usize>, bool)> {
         .collect()
 }
 
+/// AdamW's settings for a step at learning rate `lr`, with weight decay or without.
+fn adam_config(t: &swarm_sharding::recipe::TrainSection, lr: f64, decays: bool) -> AdamW {
+    AdamW { lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: if decays { t.weight_decay } else { 0.0 } }
+}
+
+/// What a gradient of global norm `norm` is multiplied by: `train.grad_clip / norm` when clipping
+/// is on and the norm exceeds it, else 1.
+fn clip_scale(t: &swarm_sharding::recipe::TrainSection, norm: f64) -> f32 {
+    if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 }
+}
+
+/// One AdamW step on the host over `segments` of a shard (each a range and whether it decays):
+/// the gradient `g`, of global norm `norm`, is clipped first (in place).
+#[allow(clippy::too_many_arguments)]
+fn host_adamw(
+    t: &swarm_sharding::recipe::TrainSection,
+    lr: f64,
+    norm: f64,
+    adam_step: u64,
+    segments: &[(Range<usize>, bool)],
+    params: &mut [f32],
+    g: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let c = clip_scale(t, norm);
+    if c != 1.0 {
+        g.iter_mut().for_each(|x| *x *= c);
+    }
+    for (r, decays) in segments {
+        let r = r.clone();
+        adamw_step(
+            &adam_config(t, lr, *decays),
+            adam_step,
+            &mut params[r.clone()],
+            &g[r.clone()],
+            &mut m[r.clone()],
+            &mut v[r],
+        );
+    }
+}
+
 fn check_norm(norm: f64, step: Step) -> anyhow::Result<()> {
     if norm.is_finite() {
         Ok(())
@@ -476,13 +518,6 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 })?,
             }
         }
-        let adam_cfg = |decays: bool| AdamW {
-            lr,
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: if decays { t.weight_decay } else { 0.0 },
-        };
         // Read after the backward is queued: reading it earlier would make the host wait for
         // the forward before queuing the backward's kernels.
         let loss_sum = loss_sum.context("a rank with no rows in the global batch")?;
@@ -514,23 +549,8 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
 
                 let t2 = Instant::now();
                 check_norm(norm, step)?;
-                if t.grad_clip > 0.0 && norm > t.grad_clip {
-                    let c = (t.grad_clip / norm) as f32;
-                    g.iter_mut().for_each(|x| *x *= c);
-                }
                 adam_step += 1;
-                let p_own = &mut params[own.clone()];
-                for (r, decays) in &decay {
-                    let cfg = adam_cfg(*decays);
-                    adamw_step(
-                        &cfg,
-                        adam_step,
-                        &mut p_own[r.clone()],
-                        &g[r.clone()],
-                        &mut m[r.clone()],
-                        &mut v[r.clone()],
-                    );
-                }
+                host_adamw(t, lr, norm, adam_step, &decay, &mut params[own.clone()], g, &mut m, &mut v);
                 let optim = t2.elapsed().as_secs_f64();
 
                 let t3 = Instant::now();
@@ -549,12 +569,12 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 let g = grads.flat.narrow(0, 0, len)?;
                 let norm = swarm_kernels::sum_squares(&g)?.sqrt();
                 check_norm(norm, step)?;
-                let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
+                let scale = clip_scale(t, norm);
                 adam_step += 1;
                 // The kernel writes the new bf16 parameters straight into the model's buffer.
                 let out = packed.narrow(0, 0, len)?;
                 for (r, decays) in &decay {
-                    adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &g, Some(&out))?;
+                    adam.step(&adam_config(t, lr, *decays), adam_step, r.clone(), scale, &g, Some(&out))?;
                 }
                 device.synchronize()?;
                 if profile {
@@ -580,12 +600,12 @@ pub fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step> {
                 let norm = swarm_kernels::sum_squares(&g)?.sqrt();
                 check_norm(norm, step)?;
                 let t2 = Instant::now();
-                let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
+                let scale = clip_scale(t, norm);
                 adam_step += 1;
                 let own_grad = g.narrow(0, own.start, own.len())?;
                 let out = shard.narrow(0, 0, own.len())?;
                 for (r, decays) in &decay {
-                    adam.step(&adam_cfg(*decays), adam_step, r.clone(), scale, &own_grad, Some(&out))?;
+                    adam.step(&adam_config(t, lr, *decays), adam_step, r.clone(), scale, &own_grad, Some(&out))?;
                 }
                 device.synchronize()?;
                 let optim = t2.elapsed().as_secs_f64();

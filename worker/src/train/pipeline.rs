@@ -23,7 +23,10 @@
 //!   A CUDA stage without replicas skips the group: its gradients, moments and master weights
 //!   stay on the device ([`DeviceStage`]) and the AdamW kernel writes the packed parameters.
 
-use super::{Report, StepStats, TrainContext, check_norm, decay_segments, flatten_params, load_start, peak_memory};
+use super::{
+    Report, StepStats, TrainContext, adam_config, check_norm, clip_scale, decay_segments, flatten_params, host_adamw,
+    load_start, peak_memory,
+};
 use crate::checkpoint::RankShard;
 use crate::comm::link::Link;
 use crate::comm::ring::Ring;
@@ -34,7 +37,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use swarm_kernels::{AdamW, adamw_step};
+use swarm_kernels::AdamW;
 use swarm_sharding::recipe::StageLayout;
 use swarm_sharding::{Assignment, Peer, Rank, Step};
 
@@ -297,13 +300,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             }
         }
         let busy = t0.elapsed().as_secs_f64() - idle;
-        let cfg = |decays: bool| AdamW {
-            lr,
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: if decays { t.weight_decay } else { 0.0 },
-        };
+        let cfg = |decays: bool| adam_config(t, lr, decays);
         // The tied embedding: the first stage's input gradients join the head's gradient of the
         // table on the last stage (a row per input token, summed in token order).
         let t1 = Instant::now();
@@ -327,7 +324,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                 let norm = world.all_reduce_small(&[d.sum_squares(d.grads())?])?[0].sqrt();
                 let comm = t1.elapsed().as_secs_f64();
                 check_norm(norm, step)?;
-                let scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
+                let scale = clip_scale(t, norm);
                 adam_step += 1;
                 d.step(&decay, &cfg, adam_step, scale)?;
                 device.synchronize()?;
@@ -348,22 +345,8 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                 let norm = world.all_reduce_small(&[sumsq])?[0].sqrt();
                 let mut comm = t1.elapsed().as_secs_f64();
                 check_norm(norm, step)?;
-                if t.grad_clip > 0.0 && norm > t.grad_clip {
-                    let c = (t.grad_clip / norm) as f32;
-                    g.iter_mut().for_each(|x| *x *= c);
-                }
                 adam_step += 1;
-                let p_own = &mut params[own.clone()];
-                for (r, decays) in &decay {
-                    adamw_step(
-                        &cfg(*decays),
-                        adam_step,
-                        &mut p_own[r.clone()],
-                        &g[r.clone()],
-                        &mut m[r.clone()],
-                        &mut v[r.clone()],
-                    );
-                }
+                host_adamw(t, lr, norm, adam_step, &decay, &mut params[own.clone()], g, &mut m, &mut v);
                 let t3 = Instant::now();
                 group.all_gather(&mut params)?;
                 comm += t3.elapsed().as_secs_f64();

@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
-use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::plan::shard_range;
 use swarm_sharding::{Assignment, Step};
 
@@ -315,22 +314,9 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext) -> anyhow::Result<Step>
         let sumsq: f64 = grad.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
         let norm = world_ring.all_reduce_small(&[sumsq])?[0].sqrt();
         check_norm(norm, step)?;
-        if t.grad_clip > 0.0 && norm > t.grad_clip {
-            let c = (t.grad_clip / norm) as f32;
-            grad.iter_mut().for_each(|x| *x *= c);
-        }
         adam_step += 1;
-        for s in &shards {
-            let cfg = AdamW {
-                lr,
-                beta1: t.beta1,
-                beta2: t.beta2,
-                eps: t.eps,
-                weight_decay: if s.decays { t.weight_decay } else { 0.0 },
-            };
-            let r = s.at.clone();
-            adamw_step(&cfg, adam_step, &mut params[r.clone()], &grad[r.clone()], &mut m[r.clone()], &mut v[r]);
-        }
+        let segments: Vec<(Range<usize>, bool)> = shards.iter().map(|s| (s.at.clone(), s.decays)).collect();
+        super::host_adamw(t, lr, norm, adam_step, &segments, &mut params, &mut grad, &mut m, &mut v);
         let comm_s = wait + t1.elapsed().as_secs_f64();
         cursor += t.global_batch as u64;
         // Every collective of the step has been waited for, so the count is complete.
