@@ -419,10 +419,10 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
 }
 
 /// A CUDA stage's gradients and optimizer, kept on the device (a stage without replicas: no
-/// group to reduce over, so nothing but the tied embedding's share and the activations crosses
-/// PCIe). The parameters are packed into one buffer (the last stage's tied copy first), the
-/// gradients land in a flat buffer of the same layout, and the AdamW kernel writes the new
-/// weights into the packed buffer in place.
+/// group to reduce over, so nothing but the activations and the tied embedding's rows and input
+/// gradients crosses PCIe). The parameters are packed into one buffer (on the last stage of a
+/// tied model the table first), the gradients land in a flat buffer of the same layout, and the
+/// AdamW kernel writes the new weights into the packed buffer in place.
 #[cfg(feature = "cuda")]
 struct DeviceStage {
     adam: swarm_kernels::DeviceAdamW,
@@ -459,8 +459,8 @@ impl DeviceStage {
 
 #[cfg(feature = "cuda")]
 impl DeviceStage {
-    /// Packs `model` (the stage's parameters, the tied copy first where there is one) and uploads
-    /// the stage's own f32 master weights and moments.
+    /// Packs `model` (the stage's parameters, in order) and uploads their f32 master weights and
+    /// moments.
     fn new(model: &mut Llama, master: &[f32], m: &[f32], v: &[f32]) -> anyhow::Result<Self> {
         let n = model.num_params();
         let packed = model.pack(n)?;
