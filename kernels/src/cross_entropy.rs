@@ -3,7 +3,7 @@
 //! `loss = mean_i (logsumexp(l_i) - l_i[t_i])`; backward with the scalar loss gradient `g`:
 //! `dl_i = (softmax(l_i) - onehot(t_i)) * g / n`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
 use crate::error::{KernelError, expect_float, fused};
@@ -126,8 +126,8 @@ impl CustomOp2 for CrossEntropy {
 }
 
 /// Inputs `(logits, targets, g)` with `g` the rank-0 f32 loss gradient; output `dlogits`.
-pub(crate) struct CrossEntropyBwd {
-    pub(crate) vocab: usize,
+struct CrossEntropyBwd {
+    vocab: usize,
 }
 
 impl CrossEntropyBwd {
@@ -184,5 +184,99 @@ impl CustomOp3 for CrossEntropyBwd {
         let g = cpu::contiguous(OP, "grad", s3.as_slice::<f32>()?, l3)?;
         let g = g.first().copied().unwrap_or(0.0);
         dispatch_float!(OP, (s1), |logits| self.run(logits, l1, t, g))
+    }
+}
+
+/// The gradient of the mean cross-entropy written over the logits: `logits` (`[n, v]`,
+/// contiguous, f32 or bf16 on CUDA, f32/bf16/f16 on the CPU) becomes
+/// `(softmax(logits) - onehot(targets)) * g / n`, with `g` a one-element f32 tensor read on the
+/// device. The same values as `cross_entropy`'s backward, without a second `[n, v]` buffer (the
+/// fused LM-head loss uses it on each chunk of logits, which it needs no longer).
+pub(crate) fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<()> {
+    let v = logits.dim(1)?;
+    if !logits.is_contiguous() {
+        return Err(KernelError::Layout {
+            op: OP,
+            what: "logits",
+            detail: format!("strides {:?} are not contiguous", logits.stride()),
+        }
+        .into());
+    }
+    logits.inplace_op3(
+        &targets.contiguous()?,
+        &g.to_dtype(DType::F32)?.flatten_all()?,
+        &CrossEntropyBwdInPlace { vocab: v },
+    )
+}
+
+struct CrossEntropyBwdInPlace {
+    vocab: usize,
+}
+
+impl CrossEntropyBwdInPlace {
+    fn run<T: Elem>(&self, logits: &mut [T], t: &[u32], g: f32) {
+        let v = self.vocab;
+        let n = logits.len() / v;
+        let scale = g / n as f32;
+        cpu::for_row_chunks(n, 3 * v, logits, v, |range, chunk| {
+            for (r, row) in range.zip(chunk.chunks_exact_mut(v)) {
+                let (m, s) = max_and_sum_exp(row);
+                let k = scale / s;
+                let tr = t[r] as usize;
+                for (i, o) in row.iter_mut().enumerate() {
+                    let p = cpu::exp(ld(*o) - m) * k;
+                    *o = st(if i == tr { p - scale } else { p });
+                }
+            }
+        });
+    }
+}
+
+impl InplaceOp3 for CrossEntropyBwdInPlace {
+    fn name(&self) -> &'static str {
+        "cross_entropy_bwd_in_place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let t = targets(s2, l2, self.vocab)?;
+        let g = cpu::contiguous(OP, "grad", s3.as_slice::<f32>()?, l3)?;
+        let g = g.first().copied().unwrap_or(0.0);
+        let (a, b) = l1.contiguous_offsets().ok_or_else(|| KernelError::Layout {
+            op: OP,
+            what: "logits",
+            detail: format!("strides {:?} are not contiguous", l1.stride()),
+        })?;
+        if (b - a) != t.len() * self.vocab {
+            candle_core::bail!("{OP}: {} targets for {} logits of a {}-class vocabulary", t.len(), b - a, self.vocab);
+        }
+        match s1 {
+            CpuStorage::F32(l) => self.run(&mut l[a..b], t, g),
+            CpuStorage::BF16(l) => self.run(&mut l[a..b], t, g),
+            CpuStorage::F16(l) => self.run(&mut l[a..b], t, g),
+            l => return Err(cpu::dtype_error(OP, &[&*l])),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let n = l1.dims().first().copied().unwrap_or(1).max(1);
+        crate::cuda::ce_bwd_in_place((s1, l1), (s2, l2), (s3, l3), 1.0 / n as f32)
     }
 }

@@ -414,6 +414,36 @@ pub(crate) fn ce_bwd(
     })
 }
 
+/// [`ce_bwd`] written over the logits themselves: `l = (softmax(l) - onehot(t)) * g * scale`.
+pub(crate) fn ce_bwd_in_place(
+    logits: (&mut CudaStorage, &Layout),
+    targets: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy";
+    let dev = logits.0.device.clone();
+    let (n, v) = rows_of(logits.1);
+    let r = range_of(OP, logits.1)?;
+    let t = targets_view(targets)?;
+    let gv = view::<f32>(OP, "grad", g)?;
+    if t.len() != n || r.len() != n * v {
+        candle_core::bail!("{OP}: {} targets for {n} rows of {v} logits ({} elements)", t.len(), r.len());
+    }
+    dispatch!(OP, logits.0, |T| {
+        let mut lv = logits.0.as_cuda_slice_mut::<T>()?.slice_mut(r);
+        let f = func(&dev, &format!("ce_bwd_in_place_{}", T::SUFFIX))?;
+        let vi = i32_of(OP, "vocab", v)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut lv).arg(&t).arg(&gv).arg(&vi).arg(&scale);
+        // SAFETY: (l, targets, g, v, scale) as ce_bwd_in_place_*; l n * v, targets n (checked
+        // above), g 1.
+        unsafe { b.launch(per_row(n, v)) }.w()?;
+        Ok(())
+    })
+}
+
 /// The contiguous elements of a mutable `(s, l)`.
 fn range_of(op: &'static str, l: &Layout) -> Result<std::ops::Range<usize>> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| KernelError::Layout {
@@ -463,6 +493,75 @@ pub(crate) fn scale_by(t: (&mut CudaStorage, &Layout), g: (&CudaStorage, &Layout
         b.arg(&mut tv).arg(&gv).arg(&nl);
         // SAFETY: (t, g, n) as scale_by_*; t holds n elements, g at least one.
         unsafe { b.launch(grid_1d(n, 256)) }.w()?;
+        Ok(())
+    })
+}
+
+/// `acc += aᵀ · b` in place as one cuBLAS GEMM with beta = 1 and f32 accumulation: row-major
+/// `acc` `[m, n]`, `a` `[k, m]`, `b` `[k, n]`, all contiguous and of `acc`'s dtype (f32 or bf16).
+/// In cuBLAS's column-major terms `accᵀ (n × m) += bᵀ (n × k) · a (k × m)`: `b` untransposed with
+/// leading dimension `n`, `a` transposed with leading dimension `m`.
+pub(crate) fn add_matmul_tn(
+    acc: (&mut CudaStorage, &Layout),
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    (k, m, n): (usize, usize, usize),
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    const OP: &str = "add_matmul_tn";
+    let dev = acc.0.device.clone();
+    let r = range_of(OP, acc.1)?;
+    let (ki, mi, ni) = (i32_of(OP, "k", k)?, i32_of(OP, "m", m)?, i32_of(OP, "n", n)?);
+    let dt = match acc.0.dtype() {
+        DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        dtype => return Err(KernelError::UnsupportedDType { op: OP, what: "acc", dtype }.into()),
+    };
+    dispatch!(OP, acc.0, |T| {
+        let (av, bv) = (view::<T>(OP, "a", a)?, view::<T>(OP, "b", b)?);
+        if r.len() != m * n || av.len() != k * m || bv.len() != k * n {
+            candle_core::bail!(
+                "{OP}: acc has {} elements, a {}, b {}; expected {m}x{n}, {k}x{m}, {k}x{n}",
+                r.len(),
+                av.len(),
+                bv.len()
+            );
+        }
+        let blas = dev.cublas_handle();
+        let stream = dev.cuda_stream();
+        let mut cv = acc.0.as_cuda_slice_mut::<T>()?.slice_mut(r);
+        let (ap, _ga) = av.device_ptr(&stream);
+        let (bp, _gb) = bv.device_ptr(&stream);
+        let (cp, _gc) = cv.device_ptr_mut(&stream);
+        let (alpha, beta) = (1f32, 1f32);
+        // SAFETY: cuBLAS reads n×k of b (ld n) and m×k of a (ld m) and updates n×m of acc
+        // (ld n), exactly the element counts checked above; alpha and beta are host f32 as
+        // CUBLAS_COMPUTE_32F expects; the handle runs on candle's stream, like every launch here.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                bp as *const _,
+                dt,
+                ni,
+                ap as *const _,
+                dt,
+                mi,
+                (&beta as *const f32).cast(),
+                cp as *mut _,
+                dt,
+                ni,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("{OP}: cuBLAS GEMM of [{k}, {m}]ᵀ x [{k}, {n}]: {e:?}")))?;
         Ok(())
     })
 }

@@ -1,14 +1,59 @@
-//! Two in-place elementwise updates that let the chunked LM-head cross-entropy keep one
-//! weight-gradient buffer: `acc += x` and `t *= g` (`g` a one-element tensor read on the device,
-//! so scaling by a loss weight needs no host sync). Math in f32, one rounding per element.
+//! In-place updates that let the chunked LM-head cross-entropy keep one weight-gradient buffer:
+//! `acc += aᵀ · b` (a product accumulated into a view), `acc += x` and `t *= g` (`g` a
+//! one-element tensor read on the device, so scaling by a loss weight needs no host sync). Math
+//! in f32, one rounding per element (on the CPU the product is rounded once more, before the add).
 
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
 use crate::cpu::{Elem, ld, st};
 use crate::error::{KernelError, expect_float, expect_same_dtype};
 
 const ADD: &str = "add_into";
 const SCALE: &str = "scale_by";
+const GEMM: &str = "add_matmul_tn";
+
+/// `acc += aᵀ · b`, in place: `acc` `[m, n]` (contiguous; it may be a narrowed view of a larger
+/// buffer), `a` `[k, m]`, `b` `[k, n]`, all of one dtype (f32 or bf16 on CUDA; f32, bf16 or f16
+/// on the CPU).
+///
+/// On CUDA this is one cuBLAS GEMM that accumulates straight into `acc` (beta = 1, f32
+/// accumulation), so no `[m, n]` temporary exists. On the CPU the product is formed `block` rows
+/// of `acc` at a time and added with [`add_into`]: the temporary stays at `block × n` values.
+pub fn add_matmul_tn(acc: &Tensor, a: &Tensor, b: &Tensor, block: usize) -> Result<()> {
+    expect_float(GEMM, "acc", acc)?;
+    expect_same_dtype(GEMM, "a", a, "acc", acc)?;
+    expect_same_dtype(GEMM, "b", b, "acc", acc)?;
+    let shape_err =
+        |what, t: &Tensor, expected: String| KernelError::Shape { op: GEMM, what, got: t.dims().to_vec(), expected };
+    let (m, n) = acc.dims2().map_err(|_| shape_err("acc", acc, "[m, n]".to_string()))?;
+    let (k, am) = a.dims2().map_err(|_| shape_err("a", a, format!("[k, {m}]")))?;
+    if am != m {
+        return Err(shape_err("a", a, format!("[k, {m}] (m = rows of acc)")).into());
+    }
+    if b.dims() != [k, n] {
+        return Err(shape_err("b", b, format!("[{k}, {n}] (k = rows of a, n = columns of acc)")).into());
+    }
+    if !acc.is_contiguous() {
+        return Err(KernelError::Layout {
+            op: GEMM,
+            what: "acc",
+            detail: format!("strides {:?} are not contiguous", acc.stride()),
+        }
+        .into());
+    }
+    if block == 0 {
+        return Err(shape_err("block", acc, "a block of at least one row".to_string()).into());
+    }
+    if acc.device().is_cuda() {
+        return acc.inplace_op3(&a.contiguous()?, &b.contiguous()?, &AddMatmulTn { dims: (k, m, n) });
+    }
+    for m0 in (0..m).step_by(block) {
+        let mb = block.min(m - m0);
+        let part = a.narrow(1, m0, mb)?.contiguous()?;
+        add_into(&acc.narrow(0, m0, mb)?, &part.t()?.matmul(b)?)?;
+    }
+    Ok(())
+}
 
 /// `acc += x`, in place. Same shape and dtype (f32, bf16 or f16); `acc` must be contiguous
 /// (it may be a narrowed view of a larger buffer), `x` is made contiguous.
@@ -143,5 +188,44 @@ impl InplaceOp2 for ScaleBy {
         l2: &Layout,
     ) -> Result<()> {
         crate::cuda::scale_by((s1, l1), (s2, l2))
+    }
+}
+
+/// The CUDA side of [`add_matmul_tn`]; CPU tensors take the blocked path there and never reach
+/// this op.
+struct AddMatmulTn {
+    /// `(k, m, n)`: the shapes checked by `add_matmul_tn`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    dims: (usize, usize, usize),
+}
+
+impl InplaceOp3 for AddMatmulTn {
+    fn name(&self) -> &'static str {
+        GEMM
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle_core::bail!("{GEMM}: CPU tensors are multiplied in blocks by `add_matmul_tn` itself; this is a bug")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::cuda::add_matmul_tn((s1, l1), (s2, l2), (s3, l3), self.dims)
     }
 }

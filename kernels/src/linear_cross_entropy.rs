@@ -7,19 +7,19 @@
 //! backward then only scales `dx` and `dw` by the incoming gradient, in place and on the device
 //! (no host sync): no second pass over the vocabulary.
 //!
-//! `dw` is one buffer, updated in place. Each chunk's contribution is computed in vocabulary
-//! blocks of at most [`CHUNK_BYTES`]` / 2` (a copy of that block of `dlogits`, then a matmul) and
-//! added into `dw`'s rows, so no second `[vocab, h]` tensor ever exists. Peak extra memory is
-//! `dw` plus two chunks of logits plus a block, against `n × vocab` logits and their gradient for
-//! the unfused path.
+//! `dw` is one buffer, updated in place ([`add_matmul_tn`]): on CUDA each chunk adds
+//! `dlogitsᵀ · x_c` into it with one accumulating cuBLAS GEMM; on the CPU the product is formed
+//! in vocabulary blocks of at most [`CHUNK_BYTES`]` / 2` and added. No second `[vocab, h]` tensor
+//! ever exists. Peak extra memory is `dw` plus two chunks of logits (plus a block on the CPU),
+//! against `n × vocab` logits and their gradient for the unfused path.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use std::sync::Mutex;
 
-use crate::cross_entropy::{CrossEntropyBwd, cross_entropy};
+use crate::cross_entropy::{cross_entropy, cross_entropy_grad_in_place};
 use crate::error::KernelError;
-use crate::inplace::{add_into, scale_by};
+use crate::inplace::{add_matmul_tn, scale_by};
 
 const OP: &str = "linear_cross_entropy";
 
@@ -42,9 +42,10 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usi
     linear_cross_entropy_blocks(x, w, targets, chunk, block)
 }
 
-/// [`linear_cross_entropy`] with the weight gradient built `vocab_block` rows of `w` at a time
-/// (the default keeps one block's product within [`CHUNK_BYTES`]` / 2`). Results do not depend
-/// on the block beyond floating-point rounding; tests use small blocks to reach that path.
+/// [`linear_cross_entropy`] with the CPU's weight gradient built `vocab_block` rows of `w` at a
+/// time (the default keeps one block's product within [`CHUNK_BYTES`]` / 2`; CUDA accumulates
+/// each chunk with one GEMM and ignores it). Results do not depend on the block beyond
+/// floating-point rounding; tests use small blocks to reach that path.
 pub fn linear_cross_entropy_blocks(
     x: &Tensor,
     w: &Tensor,
@@ -70,8 +71,6 @@ pub fn linear_cross_entropy_blocks(
     let one = Tensor::ones((), DType::F32, x.device())?;
     let mut total: Option<Tensor> = None;
     let mut dx = Vec::new();
-    // dw is filled vocabulary block by vocabulary block, so one block's product stays small.
-    let block = vocab_block;
     let dw = if want_w { Some(Tensor::zeros((v, h), w.dtype(), w.device())?) } else { None };
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
@@ -88,21 +87,14 @@ pub fn linear_cross_entropy_blocks(
         }
         // The fused backward divides by its own row count: scale by len / n.
         let gc = (&one * (len as f64 / n as f64))?;
-        let dlogits = logits.apply_op3_no_bwd(&tc, &gc, &CrossEntropyBwd { vocab: v })?;
-        drop(logits);
+        // The chunk's logits become its gradient in place (queued after the loss read them).
+        cross_entropy_grad_in_place(&logits, &tc, &gc)?;
+        let dlogits = logits;
         if want_x {
             dx.push(dlogits.matmul(&wd)?);
         }
         if let Some(dw) = &dw {
-            if block >= v {
-                add_into(dw, &dlogits.t()?.matmul(&xc)?)?;
-            } else {
-                for v0 in (0..v).step_by(block) {
-                    let vb = block.min(v - v0);
-                    let d = dlogits.narrow(1, v0, vb)?.contiguous()?;
-                    add_into(&dw.narrow(0, v0, vb)?, &d.t()?.matmul(&xc)?)?;
-                }
-            }
+            add_matmul_tn(dw, &dlogits, &xc, vocab_block)?;
         }
     }
     let loss = (total.expect("n > 0 rows") / n as f64)?.to_dtype(DType::F32)?;

@@ -296,18 +296,72 @@ __device__ void softmax_bwd(const T* y, const T* g, T* dx, int d) {
 }
 
 // ---------------------------------------------------------------- cross-entropy
+// A row's (max, sum of exp(l - max)) in one pass: each thread keeps a running pair (rescaled when
+// its max grows), then the pairs are merged over the block in an order fixed by the launch shape.
+// A pair with max -inf holds nothing (a row of only -inf keeps sum 0).
+__device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == NEG_INF) return;
+  s = (m == NEG_INF ? 0.f : s * expf(m - mx)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - mx));
+  m = mx;
+}
+
+template <typename T>
+__device__ __forceinline__ void row_max_sumexp(const T* lr, int v, bool vec, float& m_out, float& s_out) {
+  const int N = Vec16<T>::N;
+  float m = NEG_INF, s = 0.f;
+  if (vec) {
+    for (int i = threadIdx.x * N; i < v; i += blockDim.x * N) {
+      float f[N];
+      load16(lr + i, f);
+      float vm = f[0];
+#pragma unroll
+      for (int k = 1; k < N; k++) vm = fmaxf(vm, f[k]);
+      if (vm > m) {
+        s = m == NEG_INF ? 0.f : s * expf(m - vm);
+        m = vm;
+      }
+      if (m != NEG_INF) {
+#pragma unroll
+        for (int k = 0; k < N; k++) s += expf(f[k] - m);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < v; i += blockDim.x) ms_merge(m, s, ld(lr[i]), 1.f);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    ms_merge(m, s, m2, s2);
+  }
+  __shared__ float shm[32], shs[32], res[2];
+  const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+  __syncthreads();  // shared memory may still be read by a previous call
+  if (l == 0) { shm[w] = m; shs[w] = s; }
+  __syncthreads();
+  if (w == 0) {
+    float tm = l < nw ? shm[l] : NEG_INF, ts = l < nw ? shs[l] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, tm, o), s2 = __shfl_xor_sync(0xffffffffu, ts, o);
+      ms_merge(tm, ts, m2, s2);
+    }
+    if (l == 0) { res[0] = tm; res[1] = ts; }
+  }
+  __syncthreads();
+  m_out = res[0];
+  s_out = res[1];
+}
+
 // grid (rows), block (threads). loss[r] = ln(sum exp(l - m)) - (l[t] - m); NaN when the target is
-// out of range (the host checks targets where it can).
+// out of range (the host checks targets where it can). One pass over the row, 16-byte loads
+// where the row allows them.
 template <typename T>
 __device__ void ce_fwd(const T* logits, const unsigned* targets, float* loss, int v) {
   const long long r = blockIdx.x;
   const T* lr = logits + r * v;
-  float m = NEG_INF;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) m = fmaxf(m, ld(lr[i]));
-  m = block_max(m);
-  float s = 0.f;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) s += expf(ld(lr[i]) - m);
-  s = block_sum(s);
+  float m, s;
+  row_max_sumexp(lr, v, vec_ok<T>(logits, v), m, s);
   if (threadIdx.x == 0) {
     const unsigned t = targets[r];
     loss[r] = t < (unsigned)v ? logf(s) - (ld(lr[t]) - m) : __int_as_float(0x7fc00000);
@@ -342,23 +396,34 @@ extern "C" __global__ void __launch_bounds__(1024) mean_f32(const float* loss, f
   if (threadIdx.x == 0) out[0] = s / n;
 }
 
-// grid (rows), block (threads). dl = (softmax(l) - onehot(t)) * g[0] * scale.
+// grid (rows), block (threads). dl = (softmax(l) - onehot(t)) * g[0] * scale. dl may be logits
+// itself (in place): each element is read and then written by the same thread, after the row's
+// reduction.
 template <typename T>
 __device__ void ce_bwd(const T* logits, const unsigned* targets, const float* g, T* dl, int v, float scale) {
   const long long r = blockIdx.x;
   const T* lr = logits + r * v;
-  float m = NEG_INF;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) m = fmaxf(m, ld(lr[i]));
-  m = block_max(m);
-  float s = 0.f;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) s += expf(ld(lr[i]) - m);
-  s = block_sum(s);
+  T* dr = dl + r * v;
+  const bool vec = vec_ok<T>(logits, v) && vec_ok<T>(dl, v);
+  float m, s;
+  row_max_sumexp(lr, v, vec, m, s);
   const float gs = g[0] * scale;
   const float k = gs / s;
   const unsigned t = targets[r];
-  for (int i = threadIdx.x; i < v; i += blockDim.x) {
-    const float p = expf(ld(lr[i]) - m) * k;
-    dl[r * v + i] = st<T>((unsigned)i == t ? p - gs : p);
+  const int N = Vec16<T>::N;
+  if (vec) {
+    for (int i = threadIdx.x * N; i < v; i += blockDim.x * N) {
+      float f[N];
+      load16(lr + i, f);
+#pragma unroll
+      for (int j = 0; j < N; j++) f[j] = expf(f[j] - m) * k - ((unsigned)(i + j) == t ? gs : 0.f);
+      store16(dr + i, f);
+    }
+  } else {
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+      const float p = expf(ld(lr[i]) - m) * k;
+      dr[i] = st<T>((unsigned)i == t ? p - gs : p);
+    }
   }
 }
 
@@ -438,6 +503,10 @@ __device__ void adamw(float* p, float* m, float* v, const G* g, T* out, long lon
   extern "C" __global__ void __launch_bounds__(1024)                                                         \
       ce_bwd_##S(const T* l, const unsigned* t, const float* g, T* dl, int v, float scale) {                 \
     ce_bwd<T>(l, t, g, dl, v, scale);                                                                        \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(1024)                                                         \
+      ce_bwd_in_place_##S(T* l, const unsigned* t, const float* g, int v, float scale) {                     \
+    ce_bwd<T>(l, t, g, l, v, scale);                                                                         \
   }                                                                                                          \
   extern "C" __global__ void sumsq_part_##S(const T* x, float* part, long long n) { sumsq_part<T>(x, part, n); } \
   extern "C" __global__ void adamw_##S(float* p, float* m, float* v, const float* g, T* out, long long n,     \

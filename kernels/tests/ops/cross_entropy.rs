@@ -32,6 +32,14 @@ fn cross_entropy_matches_reference(dev: &Device) -> Result<()> {
         let loss = fused(&xs)?;
         assert_eq!(loss.rank(), 0, "{what}: the loss is a scalar");
     }
+    // Logits far apart (exp(80) overflows f32 without the running maximum), a row whose
+    // maximum comes late in every thread's slice, and one of equal logits.
+    let (n, v) = (3, 1024);
+    let mut l = common::uniform(&mut rng, &[n, v], -80.0, 80.0, dev)?.to_vec2::<f32>()?;
+    l[1] = (0..v).map(|i| i as f32 / 8.0).collect();
+    l[2] = vec![3.0; v];
+    let xs = vec![Tensor::new(l, dev)?, targets(&mut rng, n, v, dev)?];
+    common::compare("cross_entropy wide range", &mut rng, &xs, &[true, false], &fused, &unfused, F32_TOL)?;
     // Logits stored as [v, n] and used transposed.
     let (n, v) = (6, 23);
     let xs = vec![common::uniform(&mut rng, &[v, n], -5.0, 5.0, dev)?, targets(&mut rng, n, v, dev)?];

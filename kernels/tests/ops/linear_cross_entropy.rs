@@ -1,6 +1,6 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
-use swarm_kernels::{add_into, linear_cross_entropy, linear_cross_entropy_blocks, reference, scale_by};
+use swarm_kernels::{add_into, add_matmul_tn, linear_cross_entropy, linear_cross_entropy_blocks, reference, scale_by};
 
 use crate::common::{self, F32_TOL, Tol, test_device};
 
@@ -34,13 +34,18 @@ fn linear_cross_entropy_matches_unfused(dev: &Device) -> Result<()> {
         common::compare(&what, &mut rng, &xs, &[true, true, false], &fused, &unfused, F32_TOL)?;
     }
     // bf16 inputs (the GPU training dtype) against the f32 reference on the same values.
-    let xs = inputs(&mut rng, 24, 32, 257, dev)?;
-    let fused = |xs: &[Tensor]| {
-        let (x, w) = (xs[0].to_dtype(DType::BF16)?, xs[1].to_dtype(DType::BF16)?);
-        linear_cross_entropy(&x, &w, &xs[2], 7)
-    };
-    let tol = Tol { fwd: 1e-2, grad: 3e-2 };
-    common::compare("linear_cross_entropy bf16", &mut rng, &xs, &[true, true, false], &fused, &unfused, tol)
+    // A vocabulary of a multiple of 8 too: the CUDA loss kernels' 16-byte path.
+    for v in [257, 256] {
+        let xs = inputs(&mut rng, 24, 32, v, dev)?;
+        let fused = |xs: &[Tensor]| {
+            let (x, w) = (xs[0].to_dtype(DType::BF16)?, xs[1].to_dtype(DType::BF16)?);
+            linear_cross_entropy(&x, &w, &xs[2], 7)
+        };
+        let tol = Tol { fwd: 1e-2, grad: 3e-2 };
+        let what = format!("linear_cross_entropy bf16 v={v}");
+        common::compare(&what, &mut rng, &xs, &[true, true, false], &fused, &unfused, tol)?;
+    }
+    Ok(())
 }
 test_device!(linear_cross_entropy_matches_unfused, linear_cross_entropy_cpu, linear_cross_entropy_cuda);
 
@@ -94,3 +99,34 @@ fn in_place_updates_match_out_of_place(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(in_place_updates_match_out_of_place, in_place_updates_cpu, in_place_updates_cuda);
+
+/// `add_matmul_tn` (`acc += aᵀ · b`, the fused LM head's weight-gradient update) against
+/// `acc + a.t().matmul(b)` in f64, on a narrowed destination, in f32 and bf16, with blocks that
+/// do and do not divide the rows (the CPU path) and shapes that are not multiples of 8.
+fn add_matmul_tn_matches_matmul_then_add(dev: &Device) -> Result<()> {
+    let mut rng = common::rng(94);
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        for (k, m, n, block) in [(5, 7, 3, 7), (33, 19, 24, 4), (64, 130, 72, 1000), (9, 6, 5, 1)] {
+            let big = common::uniform(&mut rng, &[m + 3, n], -1.0, 1.0, dev)?.to_dtype(dtype)?;
+            let before = big.to_dtype(DType::F64)?;
+            let a = common::uniform(&mut rng, &[k, m], -1.0, 1.0, dev)?.to_dtype(dtype)?;
+            let b = common::uniform(&mut rng, &[k, n], -1.0, 1.0, dev)?.to_dtype(dtype)?;
+            let want = (before.narrow(0, 1, m)? + a.to_dtype(DType::F64)?.t()?.matmul(&b.to_dtype(DType::F64)?)?)?;
+            let acc = big.narrow(0, 1, m)?;
+            add_matmul_tn(&acc, &a, &b, block)?;
+            let what = format!("add_matmul_tn {dtype:?} k={k} m={m} n={n} block={block}");
+            common::assert_close(&what, &acc.to_dtype(DType::F64)?, &want, tol)?;
+            // Only the view's rows change.
+            for (r0, len) in [(0, 1), (m + 1, 2)] {
+                let got = big.narrow(0, r0, len)?.to_dtype(DType::F64)?;
+                common::assert_close(&format!("{what}: rows outside"), &got, &before.narrow(0, r0, len)?, 0.0)?;
+            }
+        }
+    }
+    let acc = Tensor::zeros((4, 3), DType::F32, dev)?;
+    let a = Tensor::zeros((2, 5), DType::F32, dev)?;
+    let err = add_matmul_tn(&acc, &a, &Tensor::zeros((2, 3), DType::F32, dev)?, 4).expect_err("m mismatch").to_string();
+    assert!(err.contains("add_matmul_tn") && err.contains("[2, 5]"), "{err}");
+    Ok(())
+}
+test_device!(add_matmul_tn_matches_matmul_then_add, add_matmul_tn_cpu, add_matmul_tn_cuda);
