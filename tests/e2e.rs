@@ -289,6 +289,32 @@ fn zero3_trains_the_same_model_as_one() {
     assert_same_final_params(&one.0, &z3t.0, "tied head: 1 worker vs ZeRO-3", 2e-3, 1e-4);
 }
 
+/// A stage computing in bf16 sends its activations and gradients in bf16: half the bytes of
+/// f32, and the same bits, since the receiver computes in bf16 too (here on the CPU, with
+/// `precision: bf16`; on GPUs that is the default).
+#[test]
+fn bf16_pipeline_stages_send_bf16_and_match_one_worker() {
+    let bf16 = |name: &str, nodes: usize, parallel: &str| {
+        let r = parallel_recipe(name, parallel, "");
+        let yaml = std::fs::read_to_string(&r).unwrap().replace("warmup_steps: 4", "warmup_steps: 4, precision: bf16");
+        std::fs::write(&r, yaml).unwrap();
+        let v = train_json(&r, nodes, false);
+        assert_eq!(losses(&v).len() as u64, STEPS, "{name}");
+        (r.parent().unwrap().join("ck"), v)
+    };
+    let pp = bf16("pp2-bf16", 2, "pipeline_stages: 2, micro_batch_rows: [2]");
+    let one = bf16("mb2-bf16", 1, "micro_batch_rows: [2]");
+    identical_runs("bf16: 2 pipeline stages vs 1 worker, both with micro-batches of 2", &pp, &one);
+    let f32 = run_parallel("pp2-f32-bytes", 2, "pipeline_stages: 2, micro_batch_rows: [2]", "");
+    let bytes = |v: &Value| v["bytes_sent"].as_u64().expect("bytes_sent");
+    let (b16, b32) = (bytes(&pp.1), bytes(&f32.1));
+    eprintln!("2 pipeline stages, 20 steps: {b16} bytes sent in bf16, {b32} in f32");
+    // Every activation (stage 0 to 1) and input gradient (1 to 0) of every micro-batch is 2
+    // bytes a value smaller; nothing else changes (checkpoints and the norm's sum stay f32).
+    let (micro, values) = (8 / 2, 2 * 32 * 64);
+    assert_eq!(b32 - b16, STEPS * micro * 2 * values * 2, "bf16 {b16} bytes against f32 {b32}");
+}
+
 #[test]
 fn two_pipeline_stages_train_the_same_model_as_one_worker() {
     // Layer 0 and the embedding on one worker, layer 1, the norm and the LM head on the other;
@@ -315,10 +341,11 @@ fn two_pipeline_stages_train_the_same_model_as_one_worker() {
         read_params(&pp.0.join(&last)) == read_params(&mb2.0.join(&last)),
         "resumed on 1 worker: parameters differ"
     );
-    // A tied LM head: the last stage's gradient for it goes to the first stage, which updates
-    // the embedding and sends it back. The tied gradient is summed in another order than in one
-    // process (per stage, then added): close, not identical (measured 1e-6 to 2e-5 relative; the
-    // test data is this repository's own sources, so it changes from commit to commit).
+    // A tied LM head: the last stage owns the table and sends the first the rows of the step's
+    // input tokens; the first sends back its input gradient, which the last adds to the head's.
+    // The tied gradient is summed in another order than in one process (per stage, then added):
+    // close, not identical (measured 1e-6 to 2e-5 relative; the test data is this repository's
+    // own sources, so it changes from commit to commit).
     let tied = ", tie_word_embeddings: true";
     let one = run_parallel("tied-1", 1, "micro_batch_rows: [2]", tied);
     let pp = run_parallel("tied-pp2", 2, "pipeline_stages: 2, micro_batch_rows: [2]", tied);

@@ -7,9 +7,9 @@ pub mod ring;
 
 use std::io::Read;
 
-/// A data-plane message of f32 values: an 8-byte little-endian count, then the values, little
-/// endian (one copy of the slice, not a push per value: a pipeline's tied-embedding exchange is
-/// a gigabyte).
+/// A ring message of f32 values: an 8-byte little-endian count, then the values, little endian
+/// (one copy of the slice, not a push per value: a gradient chunk can be gigabytes). Pipeline
+/// links add a wire dtype to the header (`link`).
 pub(crate) fn encode_f32s(data: &[f32]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(8 + 4 * data.len());
     msg.extend_from_slice(&(data.len() as u64).to_le_bytes());

@@ -192,12 +192,11 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             if last {
                 let table = Tensor::from_vec(distinct.clone(), distinct.len(), &device)?;
                 let w = model.params[0].var.as_tensor();
-                tl.send(&w.index_select(&table, 0)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                tl.send_tensor(&w.index_select(&table, 0)?)?;
             } else {
                 let tw = Instant::now();
-                let got = tl.recv(distinct.len() * h)?;
+                tied_rows = Some(tl.recv_tensor((distinct.len(), h), &device, dtype)?);
                 idle += tw.elapsed().as_secs_f64();
-                tied_rows = Some(Tensor::from_vec(got, (distinct.len(), h), &device)?.to_dtype(dtype)?);
             }
         }
         // 1F1B: `warmup` forward passes, then one forward and one backward, then the rest.
@@ -236,9 +235,9 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     None => (None, model.embed(&windows.as_ref().context("first stage")?.0)?),
                     Some(p) => {
                         let tw = Instant::now();
-                        let got = p.recv(len * seq * h)?;
+                        let got = p.recv_tensor((len, seq, h), &device, dtype)?;
                         idle += tw.elapsed().as_secs_f64();
-                        let x = Var::from_tensor(&Tensor::from_vec(got, (len, seq, h), &device)?.to_dtype(dtype)?)?;
+                        let x = Var::from_tensor(&got)?;
                         let t = x.as_tensor().clone();
                         (Some(x), t)
                     }
@@ -255,7 +254,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                         (&loss * (len as f64 / t.global_batch as f64))?
                     }
                     Some(n) => {
-                        n.send(&out.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                        n.send_tensor(&out)?;
                         out
                     }
                 };
@@ -266,9 +265,8 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     None => f.out,
                     Some(n) => {
                         let tw = Instant::now();
-                        let g = n.recv(len * seq * h)?;
+                        let g = n.recv_tensor((len, seq, h), &device, dtype)?;
                         idle += tw.elapsed().as_secs_f64();
-                        let g = Tensor::from_vec(g, (len, seq, h), &device)?.to_dtype(dtype)?;
                         (&f.out * &g)?.sum_all()?
                     }
                 };
@@ -291,7 +289,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     }
                 };
                 match (&mut prev, gx) {
-                    (Some(p), Some(gx)) => p.send(&gx.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?,
+                    (Some(p), Some(gx)) => p.send_tensor(&gx)?,
                     // The first stage of a tied model: kept until the schedule ends (sending now
                     // could fill the link while the last stage waits for activations).
                     (None, Some(gx)) => input_grads.push(gx.flatten_all()?),
@@ -304,19 +302,21 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         // The tied embedding: the first stage's input gradients join the head's gradient of the
         // table on the last stage (a row per input token, summed in token order).
         let t1 = Instant::now();
-        let mut table_grad: Option<Vec<f32>> = None;
+        // Summed in f32 whatever the dtype the rows travelled in: on the device for a stage that
+        // steps there, on the host otherwise.
+        let mut table_grad: Option<Tensor> = None;
         if let Some(tl) = &mut tied_link {
             if first {
-                tl.send(&Tensor::cat(&input_grads, 0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)?;
+                tl.send_tensor(&Tensor::cat(&input_grads, 0)?)?;
             } else {
-                table_grad = Some(tl.recv(ids.len() * h)?);
+                let at = if on_device.is_some() { device.clone() } else { Device::Cpu };
+                table_grad = Some(tl.recv_tensor((ids.len(), h), &at, DType::F32)?);
             }
         }
         let (norm, comm) = match &mut on_device {
             Some(d) => {
                 if let Some(dx) = table_grad {
                     let at = Tensor::from_vec(ids.clone(), ids.len(), &device)?;
-                    let dx = Tensor::from_vec(dx, (ids.len(), h), &device)?;
                     let dense = Tensor::zeros((spec.vocab_size, h), DType::F32, &device)?.index_add(&at, &dx, 0)?;
                     let n = spec.vocab_size * h;
                     swarm_kernels::add_into(&d.grads().narrow(0, 0, n)?, &dense.flatten_all()?.to_dtype(dtype)?)?;
@@ -333,6 +333,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
             None => {
                 let mut grad = grad.take().context("a step with no micro-batches")?;
                 if let Some(dx) = table_grad {
+                    let dx = dx.flatten_all()?.to_vec1::<f32>()?;
                     // The table is the first of the last stage's parameters.
                     for (t, &id) in ids.iter().enumerate() {
                         let row = &mut grad[id as usize * h..(id as usize + 1) * h];
