@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
-use crate::error::{KernelError, expect_float, fused};
+use crate::error::{KernelError, expect_contiguous, expect_float, fused};
 use crate::reference;
 
 const OP: &str = "cross_entropy";
@@ -194,14 +194,7 @@ impl CustomOp3 for CrossEntropyBwd {
 /// fused LM-head loss uses it on each chunk of logits, which it needs no longer).
 pub(crate) fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<()> {
     let v = logits.dim(1)?;
-    if !logits.is_contiguous() {
-        return Err(KernelError::Layout {
-            op: OP,
-            what: "logits",
-            detail: format!("strides {:?} are not contiguous", logits.stride()),
-        }
-        .into());
-    }
+    expect_contiguous(OP, "logits", logits)?;
     logits.inplace_op3(
         &targets.contiguous()?,
         &g.to_dtype(DType::F32)?.flatten_all()?,

@@ -42,6 +42,15 @@ pub(crate) fn expect_float(op: &'static str, what: &'static str, t: &Tensor) -> 
     }
 }
 
+/// Fails unless `t` is contiguous: in-place ops write its elements as one range.
+pub(crate) fn expect_contiguous(op: &'static str, what: &'static str, t: &Tensor) -> Result<(), KernelError> {
+    if t.is_contiguous() {
+        Ok(())
+    } else {
+        Err(KernelError::Layout { op, what, detail: format!("strides {:?} are not contiguous", t.stride()) })
+    }
+}
+
 /// Fails unless `t` has the dtype of `like`.
 pub(crate) fn expect_same_dtype(
     op: &'static str,

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
 use crate::cpu::{Elem, ld, st};
-use crate::error::{KernelError, expect_float, expect_same_dtype};
+use crate::error::{KernelError, expect_contiguous, expect_float, expect_same_dtype};
 
 const ADD: &str = "add_into";
 const SCALE: &str = "scale_by";
@@ -33,14 +33,7 @@ pub fn add_matmul_tn(acc: &Tensor, a: &Tensor, b: &Tensor, block: usize) -> Resu
     if b.dims() != [k, n] {
         return Err(shape_err("b", b, format!("[{k}, {n}] (k = rows of a, n = columns of acc)")).into());
     }
-    if !acc.is_contiguous() {
-        return Err(KernelError::Layout {
-            op: GEMM,
-            what: "acc",
-            detail: format!("strides {:?} are not contiguous", acc.stride()),
-        }
-        .into());
-    }
+    expect_contiguous(GEMM, "acc", acc)?;
     if block == 0 {
         return Err(shape_err("block", acc, "a block of at least one row".to_string()).into());
     }
@@ -69,14 +62,7 @@ pub fn add_into(acc: &Tensor, x: &Tensor) -> Result<()> {
         }
         .into());
     }
-    if !acc.is_contiguous() {
-        return Err(KernelError::Layout {
-            op: ADD,
-            what: "acc",
-            detail: format!("strides {:?} are not contiguous", acc.stride()),
-        }
-        .into());
-    }
+    expect_contiguous(ADD, "acc", acc)?;
     acc.inplace_op2(&x.contiguous()?, &AddInto)
 }
 
@@ -93,14 +79,7 @@ pub fn scale_by(t: &Tensor, g: &Tensor) -> Result<()> {
         }
         .into());
     }
-    if !t.is_contiguous() {
-        return Err(KernelError::Layout {
-            op: SCALE,
-            what: "t",
-            detail: format!("strides {:?} are not contiguous", t.stride()),
-        }
-        .into());
-    }
+    expect_contiguous(SCALE, "t", t)?;
     t.inplace_op2(&g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?, &ScaleBy)
 }
 
