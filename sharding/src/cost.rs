@@ -345,6 +345,17 @@ impl ModelCost {
         compute.max(memory_bound)
     }
 
+    /// Bytes a tied embedding's pipeline link carries per step for a replica of `tokens` input
+    /// tokens: the rows of the step's distinct tokens (at most one per token, at most the
+    /// vocabulary) from the last stage, in its dtype, and the first stage's input gradient, a row
+    /// per token, back in the first stage's dtype. 0 for an untied model.
+    pub fn tied_exchange_bytes(&self, tokens: u64, last_cpu: bool, first_cpu: bool) -> u64 {
+        if !self.tied {
+            return 0;
+        }
+        self.h * (tokens.min(self.v) * Self::dtype_bytes(last_cpu) + tokens * Self::dtype_bytes(first_cpu))
+    }
+
     /// Bytes of the activations sent to the next stage per micro-batch (the gradient comes back
     /// the same size).
     pub fn boundary_bytes(&self, micro_batch: u64, cpu: bool) -> u64 {

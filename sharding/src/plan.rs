@@ -213,8 +213,13 @@ pub struct SyncPlan {
 pub struct StepTime {
     /// Forward and backward work of the slowest replica, without pipeline idle time.
     pub compute_s: f64,
-    /// Communication not hidden behind compute (collectives, pipeline sends, offload transfers).
+    /// Communication not hidden behind compute (collectives, pipeline sends, offload transfers,
+    /// a tied embedding's exchange).
     pub communication_s: f64,
+    /// Of `communication_s`: a tied embedding's exchange between a replica's first and last
+    /// pipeline stage (the rows it looks up before its schedule, their gradient after it), which
+    /// nothing overlaps. 0 without a pipeline or a tied head.
+    pub tied_exchange_s: f64,
     /// Pipeline fill and drain: stages idle while waiting for others.
     pub bubble_s: f64,
     pub total_s: f64,

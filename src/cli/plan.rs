@@ -171,6 +171,13 @@ fn render(p: &Plan, a: &PlanArgs) -> String {
         st.bubble_s,
         100.0 * st.bubble_fraction
     );
+    if st.tied_exchange_s > 0.0 {
+        let _ = writeln!(
+            o,
+            "of the communication, {:.2} s is the tied embedding's rows and their gradient between the first and last stage",
+            st.tied_exchange_s
+        );
+    }
     let _ = writeln!(o, "throughput: {:.0} tokens/s, MFU {:.1}%", st.tokens_per_s, 100.0 * st.mfu);
     let sync = match &p.sync.strategy {
         SyncStrategy::EveryStep => "every step".to_string(),

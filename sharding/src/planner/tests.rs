@@ -369,3 +369,58 @@ fn tiny_cpu_recipe_on_two_cpu_workers_is_executable() {
         .map(|v| serde_yaml::from_value(v["parallel"].clone()).unwrap())
         .unwrap();
 }
+
+/// A tied table lives on the last pipeline stage: the plan counts its rows and their gradient
+/// between the first and last stage's workers (not overlapped) in the communication and the
+/// step, at the link's speed; an untied model, or one stage, has no such exchange.
+#[test]
+fn a_pipeline_with_a_tied_head_pays_for_the_row_exchange() {
+    use crate::cost::Sharding;
+    use crate::planner::{Ctx, Layout};
+    // Two workers of one 24 GB GPU each, on the default 1 GbE link.
+    let c = cluster(
+        "name: two-pcs\nworkers:\n  - { name: a, host_ram_gib: 64, devices: [{ kind: cuda, name: RTX 3090, memory_gib: 24, bf16_tflops: 71 }] }\n  - { name: b, host_ram_gib: 64, devices: [{ kind: cuda, name: RTX 3090, memory_gib: 24, bf16_tflops: 71 }] }\n",
+    );
+    let t = TrainSpec {
+        mode: TrainMode::Full,
+        seq_len: 2048,
+        global_batch: 8,
+        optimizer: Default::default(),
+        activation_checkpointing: true,
+        cpu_offload: false,
+        micro_batch: None,
+    };
+    let (m, micro) = (4u64, [2u64]);
+    let lay = || Layout {
+        p: 2,
+        d: 1,
+        groups: vec![vec![0], vec![1]],
+        sharding: Sharding::Zero1,
+        offload: false,
+        ckpt: true,
+        share: vec![1, 1],
+    };
+    let step = |tied: bool| {
+        let mut model = preset("llama-3.2-1b");
+        model.tie_word_embeddings = tied;
+        let ctx = Ctx::new(&c, &model, &t, &CostModel::DEFAULT);
+        ctx.timing(&lay(), &[8, 8], m, &micro).expect("an every-step plan").step
+    };
+    let (tied, untied) = (step(true), step(false));
+    // 16,384 tokens: as many rows (at most) to the first stage and gradient rows back, 2,048
+    // bf16 values each; 1 Gbit/s and 300 µs each way.
+    let bytes = 2.0 * 16_384.0 * 2048.0 * 2.0;
+    let want = bytes / 1.25e8 + 2.0 * 300e-6;
+    assert!((tied.tied_exchange_s - want).abs() < 1e-9, "{} vs {want}", tied.tied_exchange_s);
+    assert_eq!(untied.tied_exchange_s, 0.0);
+    for s in [&tied, &untied] {
+        assert!(s.communication_s >= s.tied_exchange_s);
+        assert!((s.total_s - (s.compute_s + s.communication_s + s.bubble_s)).abs() < 1e-9, "{s:?}");
+    }
+    // A single stage keeps its table: nothing to exchange.
+    let mut model = preset("llama-3.2-1b");
+    model.tie_word_embeddings = true;
+    let ctx = Ctx::new(&c, &model, &t, &CostModel::DEFAULT);
+    let one = Layout { p: 1, d: 1, groups: vec![vec![0]], share: vec![1, 0], ..lay() };
+    assert_eq!(ctx.timing(&one, &[16], 4, &micro).expect("plan").step.tied_exchange_s, 0.0);
+}

@@ -3,6 +3,7 @@
 //! the sync strategy.
 
 use super::{Ctx, Layout};
+use crate::cluster::DeviceKind;
 use crate::cost::Sharding;
 use crate::plan::{StepTime, SyncPlan, SyncStrategy};
 
@@ -148,13 +149,29 @@ impl Ctx<'_> {
                 exposed = exposed.max((comm[s][r] - cm.comm_overlap * busy[s][r]).max(0.0));
             }
         }
-        let total = compute + bubble + exposed + host_opt;
+        // A tied table lives on the last stage: the first waits for its rows before the schedule
+        // and the last for their gradient after it (`worker::train::pipeline`).
+        let mut tied = 0.0f64;
+        if p > 1 {
+            for (r, &rows) in micro.iter().enumerate().take(d) {
+                let (first, last) = (&self.devs[lay.groups[0][r]], &self.devs[lay.groups[p - 1][r]]);
+                let tokens = m * rows * self.train.seq_len as u64;
+                let bytes =
+                    self.mc.tied_exchange_bytes(tokens, last.kind == DeviceKind::Cpu, first.kind == DeviceKind::Cpu);
+                if bytes > 0 {
+                    let (bw, lat) = self.cluster.link(first, last);
+                    tied = tied.max(bytes as f64 / bw + 2.0 * lat);
+                }
+            }
+        }
+        let total = compute + bubble + exposed + tied + host_opt;
         let flops: f64 = lay.groups.iter().flatten().map(|&i| self.devs[i].flops_per_s).sum();
         let tokens = self.train.tokens_per_step() as f64;
         Some(Timing {
             step: StepTime {
                 compute_s: compute + host_opt,
-                communication_s: exposed,
+                communication_s: exposed + tied,
+                tied_exchange_s: tied,
                 bubble_s: bubble,
                 total_s: total,
                 bubble_fraction: bubble / reference.max(1e-12),
