@@ -10,8 +10,9 @@
 //! `dw` is one buffer, updated in place ([`add_matmul_tn`]): on CUDA each chunk adds
 //! `dlogitsᵀ · x_c` into it with one accumulating cuBLAS GEMM; on the CPU the product is formed
 //! in vocabulary blocks of at most [`CHUNK_BYTES`]` / 2` and added. No second `[vocab, h]` tensor
-//! ever exists. Peak extra memory is `dw` plus two chunks of logits (plus a block on the CPU),
-//! against `n × vocab` logits and their gradient for the unfused path.
+//! ever exists. Peak extra memory is `dw` plus one chunk of logits, which their gradient
+//! overwrites (plus a block on the CPU), against `n × vocab` logits and their gradient for the
+//! unfused path.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
