@@ -477,6 +477,42 @@ pub(crate) fn add_into(acc: (&mut CudaStorage, &Layout), x: (&CudaStorage, &Layo
     })
 }
 
+/// `acc[ids[r]] += x[r]` for each row `r` of `x` (`[rows, d]` f32; `acc` `[.., d]` f32 or bf16;
+/// the ids distinct and in range, checked by the caller).
+pub(crate) fn add_rows_into(
+    acc: (&mut CudaStorage, &Layout),
+    ids: (&CudaStorage, &Layout),
+    x: (&CudaStorage, &Layout),
+    d: usize,
+) -> Result<()> {
+    const OP: &str = "add_rows_into";
+    let dev = acc.0.device.clone();
+    let r = range_of(OP, acc.1)?;
+    let (start, end) = ids.1.contiguous_offsets().ok_or_else(|| KernelError::Layout {
+        op: OP,
+        what: "ids",
+        detail: "not contiguous".to_string(),
+    })?;
+    let iv = ids.0.as_cuda_slice::<u32>()?.slice(start..end);
+    let xv = view::<f32>(OP, "x", x)?;
+    let rows = iv.len();
+    if xv.len() != rows * d || r.len() % d.max(1) != 0 {
+        candle_core::bail!("{OP}: {rows} ids, x has {} values, acc {}, rows of {d}", xv.len(), r.len());
+    }
+    let di = i32_of(OP, "d", d)?;
+    dispatch!(OP, acc.0, |T| {
+        let mut a = acc.0.as_cuda_slice_mut::<T>()?.slice_mut(r);
+        let f = func(&dev, &format!("add_rows_into_{}", T::SUFFIX))?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut a).arg(&iv).arg(&xv).arg(&di);
+        // SAFETY: (acc, ids, x, d) as add_rows_into_*; x holds rows * d values (checked above)
+        // and the caller checked every id against acc's row count.
+        unsafe { b.launch(per_row(rows, d)) }.w()?;
+        Ok(())
+    })
+}
+
 /// `t *= g[0]` in place; `g` one f32.
 pub(crate) fn scale_by(t: (&mut CudaStorage, &Layout), g: (&CudaStorage, &Layout)) -> Result<()> {
     const OP: &str = "scale_by";

@@ -11,6 +11,46 @@ use crate::error::{KernelError, expect_contiguous, expect_float, expect_same_dty
 const ADD: &str = "add_into";
 const SCALE: &str = "scale_by";
 const GEMM: &str = "add_matmul_tn";
+const ROWS: &str = "add_rows_into";
+
+/// `acc[ids[i]] += x[i]` for every row `i` of `x`, in place: `acc` `[n, d]` (f32, bf16 or f16 on
+/// the CPU, f32 or bf16 on CUDA; contiguous, it may be a narrowed view), `x` `[ids.len(), d]` in
+/// f32, `ids` distinct and below `n`. Math in f32, one rounding per element. Distinct ids mean no
+/// two rows land on one, so the result does not depend on the order (no atomics), and only the
+/// named rows are touched: a sparse gradient joins a dense one without a dense temporary.
+pub fn add_rows_into(acc: &Tensor, ids: &[u32], x: &Tensor) -> Result<()> {
+    expect_float(ROWS, "acc", acc)?;
+    expect_contiguous(ROWS, "acc", acc)?;
+    let shape_err =
+        |what, t: &Tensor, expected: String| KernelError::Shape { op: ROWS, what, got: t.dims().to_vec(), expected };
+    let (n, d) = acc.dims2().map_err(|_| shape_err("acc", acc, "[n, d]".to_string()))?;
+    if x.dims() != [ids.len(), d] {
+        return Err(shape_err("x", x, format!("[{}, {d}] (a row per id, d = columns of acc)", ids.len())).into());
+    }
+    if x.dtype() != DType::F32 {
+        return Err(KernelError::DTypeMismatch {
+            op: ROWS,
+            what: "x",
+            other: "f32",
+            got: x.dtype(),
+            expected: DType::F32,
+        }
+        .into());
+    }
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(shape_err("ids", x, format!("distinct ids (id {} appears twice; sum its rows first)", w[0])).into());
+    }
+    if let Some(&last) = sorted.last().filter(|&&l| l as usize >= n) {
+        return Err(shape_err("ids", acc, format!("ids below {n} (got {last})")).into());
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids_t = Tensor::from_slice(ids, ids.len(), acc.device())?;
+    acc.inplace_op3(&ids_t, &x.contiguous()?, &AddRowsInto { d })
+}
 
 /// `acc += aᵀ · b`, in place: `acc` `[m, n]` (contiguous; it may be a narrowed view of a larger
 /// buffer), `a` `[k, m]`, `b` `[k, n]`, all of one dtype (f32 or bf16 on CUDA; f32, bf16 or f16
@@ -206,5 +246,58 @@ impl InplaceOp3 for AddMatmulTn {
         l3: &Layout,
     ) -> Result<()> {
         crate::cuda::add_matmul_tn((s1, l1), (s2, l2), (s3, l3), self.dims)
+    }
+}
+
+struct AddRowsInto {
+    d: usize,
+}
+
+fn add_rows<T: Elem>(acc: &mut [T], ids: &[u32], x: &[f32], d: usize) {
+    for (i, &id) in ids.iter().enumerate() {
+        let row = &mut acc[id as usize * d..(id as usize + 1) * d];
+        for (a, &v) in row.iter_mut().zip(&x[i * d..(i + 1) * d]) {
+            *a = st(ld(*a) + v);
+        }
+    }
+}
+
+impl InplaceOp3 for AddRowsInto {
+    fn name(&self) -> &'static str {
+        ROWS
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let r1 = range(ROWS, l1)?;
+        let ids = &s2.as_slice::<u32>()?[range(ROWS, l2)?];
+        let x = &s3.as_slice::<f32>()?[range(ROWS, l3)?];
+        match s1 {
+            CpuStorage::F32(a) => add_rows(&mut a[r1], ids, x, self.d),
+            CpuStorage::BF16(a) => add_rows(&mut a[r1], ids, x, self.d),
+            CpuStorage::F16(a) => add_rows(&mut a[r1], ids, x, self.d),
+            a => return Err(crate::cpu::dtype_error(ROWS, &[&*a])),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::cuda::add_rows_into((s1, l1), (s2, l2), (s3, l3), self.d)
     }
 }

@@ -19,7 +19,7 @@
 //! # API Boundary
 //! The five tensor ops ([`rms_norm`], [`rope`], [`swiglu`], [`softmax_last_dim`],
 //! [`cross_entropy`]), the fused LM head ([`linear_cross_entropy`]), [`causal_attention`], the
-//! in-place updates it uses ([`add_matmul_tn`], [`add_into`], [`scale_by`]), [`reference`](mod@reference) with the
+//! in-place updates it uses ([`add_matmul_tn`], [`add_into`], [`scale_by`]) and [`add_rows_into`], [`reference`](mod@reference) with the
 //! same five signatures, the optimizer step
 //! ([`AdamW`], [`adamw_step`], [`adamw_step_reference`]) on flat f32 buffers, and
 //! [`KernelError`], which reaches callers wrapped in `candle_core::Error`. The custom-op
@@ -46,7 +46,7 @@ pub use cross_entropy::cross_entropy;
 #[cfg(feature = "cuda")]
 pub use cuda::{DeviceAdamW, sum_squares};
 pub use error::KernelError;
-pub use inplace::{add_into, add_matmul_tn, scale_by};
+pub use inplace::{add_into, add_matmul_tn, add_rows_into, scale_by};
 pub use linear_cross_entropy::{CHUNK_BYTES, chunk_rows, linear_cross_entropy, linear_cross_entropy_blocks};
 pub use rms_norm::rms_norm;
 pub use rope::rope;

@@ -255,6 +255,17 @@ __device__ void add_into(T* acc, const T* x, long long n) {
   acc[i] = st<T>(ld(acc[i]) + ld(x[i]));
 }
 
+// grid (rows), block (threads). acc[ids[r] * d + j] += x[r * d + j] for every j < d: x's row r
+// added into acc's row ids[r] (x f32 whatever acc's dtype; the ids distinct, so no two blocks
+// write one row and the result does not depend on their order).
+template <typename T>
+__device__ void add_rows_into(T* acc, const unsigned* ids, const float* x, int d) {
+  const long long r = blockIdx.x;
+  T* a = acc + (long long)ids[r] * d;
+  const float* xr = x + r * d;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) a[j] = st<T>(ld(a[j]) + xr[j]);
+}
+
 // grid (ceil(n / 256)), block (256). t *= g[0], in place (g read on the device: no host sync).
 template <typename T>
 __device__ void scale_by(T* t, const float* g, long long n) {
@@ -483,6 +494,9 @@ __device__ void adamw(float* p, float* m, float* v, const G* g, T* out, long lon
     rope<T>(x, c, s, y, rows, seq, d, sign);                                                                 \
   }                                                                                                          \
   extern "C" __global__ void add_into_##S(T* acc, const T* x, long long n) { add_into<T>(acc, x, n); }      \
+  extern "C" __global__ void add_rows_into_##S(T* acc, const unsigned* ids, const float* x, int d) {         \
+    add_rows_into<T>(acc, ids, x, d);                                                                        \
+  }                                                                                                          \
   extern "C" __global__ void scale_by_##S(T* t, const float* g, long long n) { scale_by<T>(t, g, n); }       \
   extern "C" __global__ void swiglu_fwd_##S(const T* a, const T* u, T* y, long long n) {                     \
     swiglu_fwd<T>(a, u, y, n);                                                                               \

@@ -1,6 +1,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
-use swarm_kernels::{add_into, add_matmul_tn, linear_cross_entropy, linear_cross_entropy_blocks, reference, scale_by};
+use swarm_kernels::{
+    add_into, add_matmul_tn, add_rows_into, linear_cross_entropy, linear_cross_entropy_blocks, reference, scale_by,
+};
 
 use crate::common::{self, F32_TOL, Tol, test_device};
 
@@ -130,3 +132,39 @@ fn add_matmul_tn_matches_matmul_then_add(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(add_matmul_tn_matches_matmul_then_add, add_matmul_tn_cpu, add_matmul_tn_cuda);
+
+/// `add_rows_into` (a pipeline's tied-embedding rows joining the head's gradient) against a dense
+/// f64 `index_add` then add, in f32 and bf16, on a narrowed destination; rows not named stay
+/// bit-equal; repeated and out-of-range ids are errors naming the id.
+fn add_rows_into_matches_dense_index_add(dev: &Device) -> Result<()> {
+    let mut rng = common::rng(95);
+    let ids = [7u32, 0, 12, 3, 9];
+    for (dtype, tol) in [(DType::F32, 1e-7), (DType::BF16, 4e-3)] {
+        let big = common::uniform(&mut rng, &[15, 33], -1.0, 1.0, dev)?.to_dtype(dtype)?;
+        let before = big.to_dtype(DType::F64)?;
+        let x = common::uniform(&mut rng, &[ids.len(), 33], -1.0, 1.0, dev)?;
+        let acc = big.narrow(0, 1, 13)?;
+        let at = Tensor::new(&ids, dev)?;
+        let want = before.narrow(0, 1, 13)?.index_add(&at, &x.to_dtype(DType::F64)?, 0)?;
+        add_rows_into(&acc, &ids, &x)?;
+        let what = format!("add_rows_into {dtype:?}");
+        common::assert_close(&what, &acc.to_dtype(DType::F64)?, &want, tol)?;
+        for r in (0..13).filter(|r| !ids.contains(&(*r as u32))) {
+            let (got, was) = (acc.narrow(0, r, 1)?.to_dtype(DType::F64)?, before.narrow(0, r + 1, 1)?);
+            common::assert_close(&format!("{what}: row {r} not named"), &got, &was, 0.0)?;
+        }
+        for r0 in [0, 14] {
+            let (got, was) = (big.narrow(0, r0, 1)?.to_dtype(DType::F64)?, before.narrow(0, r0, 1)?);
+            common::assert_close(&format!("{what}: rows outside the view"), &got, &was, 0.0)?;
+        }
+    }
+    let acc = Tensor::zeros((4, 3), DType::F32, dev)?;
+    let x = Tensor::zeros((2, 3), DType::F32, dev)?;
+    let err = add_rows_into(&acc, &[1, 1], &x).expect_err("repeated id").to_string();
+    assert!(err.contains("add_rows_into") && err.contains("id 1 appears twice"), "{err}");
+    let err = add_rows_into(&acc, &[1, 4], &x).expect_err("id out of range").to_string();
+    assert!(err.contains("below 4") && err.contains("got 4"), "{err}");
+    add_rows_into(&acc, &[], &Tensor::zeros((0, 3), DType::F32, dev)?)?;
+    Ok(())
+}
+test_device!(add_rows_into_matches_dense_index_add, add_rows_into_cpu, add_rows_into_cuda);

@@ -221,12 +221,7 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
                     None if tied_split => {
                         // Looked up in the rows the last stage sent; the input is a leaf whose
                         // gradient goes back to it.
-                        let at: Vec<u32> = ids[piece.start * seq..piece.end * seq]
-                            .iter()
-                            .map(|id| distinct.binary_search(id).map(|p| p as u32))
-                            .collect::<Result<_, _>>()
-                            .map_err(|_| anyhow::anyhow!("a token of the step is missing from its rows"))?;
-                        let at = Tensor::from_vec(at, len * seq, &device)?;
+                        let at = positions(&ids[piece.start * seq..piece.end * seq], &distinct, &device)?;
                         let rows_t = tied_rows.as_ref().context("the tied embedding's rows")?;
                         let x = Var::from_tensor(&rows_t.index_select(&at, 0)?.reshape((len, seq, h))?)?;
                         let t = x.as_tensor().clone();
@@ -316,10 +311,12 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
         let (norm, comm) = match &mut on_device {
             Some(d) => {
                 if let Some(dx) = table_grad {
-                    let at = Tensor::from_vec(ids.clone(), ids.len(), &device)?;
-                    let dense = Tensor::zeros((spec.vocab_size, h), DType::F32, &device)?.index_add(&at, &dx, 0)?;
-                    let n = spec.vocab_size * h;
-                    swarm_kernels::add_into(&d.grads().narrow(0, 0, n)?, &dense.flatten_all()?.to_dtype(dtype)?)?;
+                    // Summed per distinct token in f32 (in token order), then added into those
+                    // rows of the table's gradient in place: no dense [vocab, hidden] temporary.
+                    let at = positions(&ids, &distinct, &device)?;
+                    let rows = Tensor::zeros((distinct.len(), h), DType::F32, &device)?.index_add(&at, &dx, 0)?;
+                    let table = d.grads().narrow(0, 0, spec.vocab_size * h)?.reshape((spec.vocab_size, h))?;
+                    swarm_kernels::add_rows_into(&table, &distinct, &rows)?;
                 }
                 let norm = world.all_reduce_small(&[d.sum_squares(d.grads())?])?[0].sqrt();
                 let comm = t1.elapsed().as_secs_f64();
@@ -581,6 +578,16 @@ fn owned_ranges(
     let ranges = stage_ranges(spec, layout, layout.stage_of(rank))?;
     let len = ranges.iter().map(Range::len).sum();
     Ok(sub_ranges(&ranges, swarm_sharding::plan::shard_range(len, layout.replicas, layout.replica_of(rank))))
+}
+
+/// Where each of `ids` sits in `distinct` (sorted, holding every id), as a u32 tensor on `device`.
+fn positions(ids: &[u32], distinct: &[u32], device: &Device) -> anyhow::Result<Tensor> {
+    let at: Vec<u32> = ids
+        .iter()
+        .map(|id| distinct.binary_search(id).map(|p| p as u32))
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("a token of the step is missing from its rows"))?;
+    Ok(Tensor::from_vec(at, ids.len(), device)?)
 }
 
 /// The input tokens (each window's first `seq`) of sample rows `rows`, in order.

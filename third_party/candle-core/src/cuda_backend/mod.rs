@@ -2251,7 +2251,10 @@ impl BackendStorage for CudaStorage {
         let device = self.device().clone();
         let mut acc = unsafe { device.alloc_uninit(l.shape(), self.dtype())? };
         self.copy_strided_src(&mut acc, 0, l)?;
-        IndexAdd(ids, ids_l, dim).map(&mut acc.slice, l, &src.slice, src_l, &device)?;
+        // SWARM PATCH: `acc` is a fresh contiguous copy starting at 0; upstream passed `l`, whose
+        // start offset (a narrowed input) made the kernel's slice run past `acc`'s end.
+        let acc_l = Layout::contiguous(l.shape());
+        IndexAdd(ids, ids_l, dim).map(&mut acc.slice, &acc_l, &src.slice, src_l, &device)?;
         Ok(acc)
     }
 
