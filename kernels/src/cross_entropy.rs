@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{self, Elem, Rows, dispatch_float, ld, st};
-use crate::error::{KernelError, expect_contiguous, expect_float, fused};
+use crate::error::{KernelError, contiguous_range, expect_contiguous, expect_float, fused};
 use crate::reference;
 
 const OP: &str = "cross_entropy";
@@ -242,18 +242,14 @@ impl InplaceOp3 for CrossEntropyBwdInPlace {
         let t = targets(s2, l2, self.vocab)?;
         let g = cpu::contiguous(OP, "grad", s3.as_slice::<f32>()?, l3)?;
         let g = g.first().copied().unwrap_or(0.0);
-        let (a, b) = l1.contiguous_offsets().ok_or_else(|| KernelError::Layout {
-            op: OP,
-            what: "logits",
-            detail: format!("strides {:?} are not contiguous", l1.stride()),
-        })?;
-        if (b - a) != t.len() * self.vocab {
-            candle_core::bail!("{OP}: {} targets for {} logits of a {}-class vocabulary", t.len(), b - a, self.vocab);
+        let r = contiguous_range(OP, "logits", l1)?;
+        if r.len() != t.len() * self.vocab {
+            candle_core::bail!("{OP}: {} targets for {} logits of a {}-class vocabulary", t.len(), r.len(), self.vocab);
         }
         match s1 {
-            CpuStorage::F32(l) => self.run(&mut l[a..b], t, g),
-            CpuStorage::BF16(l) => self.run(&mut l[a..b], t, g),
-            CpuStorage::F16(l) => self.run(&mut l[a..b], t, g),
+            CpuStorage::F32(l) => self.run(&mut l[r], t, g),
+            CpuStorage::BF16(l) => self.run(&mut l[r], t, g),
+            CpuStorage::F16(l) => self.run(&mut l[r], t, g),
             l => return Err(cpu::dtype_error(OP, &[&*l])),
         }
         Ok(())

@@ -74,7 +74,6 @@ macro_rules! dispatch {
 // Declared after `dispatch!` so the module can use it.
 mod inplace;
 mod optim;
-use inplace::range_of;
 pub(crate) use inplace::{add_into, add_matmul_tn, add_rows_into, scale_by};
 pub use optim::{DeviceAdamW, sum_squares};
 
@@ -427,7 +426,7 @@ pub(crate) fn ce_bwd_in_place(
     const OP: &str = "cross_entropy";
     let dev = logits.0.device.clone();
     let (n, v) = rows_of(logits.1);
-    let r = range_of(OP, logits.1)?;
+    let r = crate::error::contiguous_range(OP, "logits", logits.1)?;
     let t = targets_view(targets)?;
     let gv = view::<f32>(OP, "grad", g)?;
     if t.len() != n || r.len() != n * v {

@@ -51,6 +51,21 @@ pub(crate) fn expect_contiguous(op: &'static str, what: &'static str, t: &Tensor
     }
 }
 
+/// The element range a contiguous layout covers in its storage (what an in-place op writes);
+/// an error naming `what` otherwise.
+pub(crate) fn contiguous_range(
+    op: &'static str,
+    what: &'static str,
+    l: &candle_core::Layout,
+) -> Result<std::ops::Range<usize>, KernelError> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| KernelError::Layout {
+        op,
+        what,
+        detail: format!("strides {:?} are not contiguous", l.stride()),
+    })?;
+    Ok(a..b)
+}
+
 /// Fails unless `t` has the dtype of `like`.
 pub(crate) fn expect_same_dtype(
     op: &'static str,

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
 use crate::cpu::{Elem, ld, st};
-use crate::error::{KernelError, expect_contiguous, expect_float, expect_same_dtype};
+use crate::error::{KernelError, contiguous_range, expect_contiguous, expect_float, expect_same_dtype};
 
 const ADD: &str = "add_into";
 const SCALE: &str = "scale_by";
@@ -123,16 +123,6 @@ pub fn scale_by(t: &Tensor, g: &Tensor) -> Result<()> {
     t.inplace_op2(&g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?, &ScaleBy)
 }
 
-/// The contiguous elements of a mutable CPU storage under `l`.
-fn range(op: &'static str, l: &Layout) -> Result<std::ops::Range<usize>> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| KernelError::Layout {
-        op,
-        what: "dst",
-        detail: format!("strides {:?} are not contiguous", l.stride()),
-    })?;
-    Ok(a..b)
-}
-
 fn add_slices<T: Elem>(acc: &mut [T], x: &[T]) {
     crate::cpu::for_elem_chunks(acc, |r, out| {
         for (o, &v) in out.iter_mut().zip(&x[r]) {
@@ -157,7 +147,7 @@ impl InplaceOp2 for AddInto {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let (r1, r2) = (range(ADD, l1)?, range(ADD, l2)?);
+        let (r1, r2) = (contiguous_range(ADD, "acc", l1)?, contiguous_range(ADD, "x", l2)?);
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(x)) => add_slices(&mut a[r1], &x[r2]),
             (CpuStorage::BF16(a), CpuStorage::BF16(x)) => add_slices(&mut a[r1], &x[r2]),
@@ -187,7 +177,7 @@ impl InplaceOp2 for ScaleBy {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let r1 = range(SCALE, l1)?;
+        let r1 = contiguous_range(SCALE, "t", l1)?;
         let g = s2.as_slice::<f32>()?[l2.start_offset()];
         match s1 {
             CpuStorage::F32(t) => scale_slice(&mut t[r1], g),
@@ -276,9 +266,9 @@ impl InplaceOp3 for AddRowsInto {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let r1 = range(ROWS, l1)?;
-        let ids = &s2.as_slice::<u32>()?[range(ROWS, l2)?];
-        let x = &s3.as_slice::<f32>()?[range(ROWS, l3)?];
+        let r1 = contiguous_range(ROWS, "acc", l1)?;
+        let ids = &s2.as_slice::<u32>()?[contiguous_range(ROWS, "ids", l2)?];
+        let x = &s3.as_slice::<f32>()?[contiguous_range(ROWS, "x", l3)?];
         match s1 {
             CpuStorage::F32(a) => add_rows(&mut a[r1], ids, x, self.d),
             CpuStorage::BF16(a) => add_rows(&mut a[r1], ids, x, self.d),

@@ -11,23 +11,13 @@ use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result};
 
-use crate::error::KernelError;
-
-/// The contiguous elements of a mutable `(s, l)`.
-pub(super) fn range_of(op: &'static str, l: &Layout) -> Result<std::ops::Range<usize>> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| KernelError::Layout {
-        op,
-        what: "dst",
-        detail: format!("strides {:?} are not contiguous", l.stride()),
-    })?;
-    Ok(a..b)
-}
+use crate::error::{KernelError, contiguous_range};
 
 /// `acc += x` in place; both contiguous, same dtype and element count.
 pub(crate) fn add_into(acc: (&mut CudaStorage, &Layout), x: (&CudaStorage, &Layout)) -> Result<()> {
     const OP: &str = "add_into";
     let dev = acc.0.device.clone();
-    let r = range_of(OP, acc.1)?;
+    let r = contiguous_range(OP, "acc", acc.1)?;
     let n = r.len();
     dispatch!(OP, acc.0, |T| {
         let xv = view::<T>(OP, "x", x)?;
@@ -56,7 +46,7 @@ pub(crate) fn add_rows_into(
 ) -> Result<()> {
     const OP: &str = "add_rows_into";
     let dev = acc.0.device.clone();
-    let r = range_of(OP, acc.1)?;
+    let r = contiguous_range(OP, "acc", acc.1)?;
     let (start, end) = ids.1.contiguous_offsets().ok_or_else(|| KernelError::Layout {
         op: OP,
         what: "ids",
@@ -86,7 +76,7 @@ pub(crate) fn add_rows_into(
 pub(crate) fn scale_by(t: (&mut CudaStorage, &Layout), g: (&CudaStorage, &Layout)) -> Result<()> {
     const OP: &str = "scale_by";
     let dev = t.0.device.clone();
-    let r = range_of(OP, t.1)?;
+    let r = contiguous_range(OP, "t", t.1)?;
     let n = r.len();
     let gv = view::<f32>(OP, "g", g)?;
     dispatch!(OP, t.0, |T| {
@@ -116,7 +106,7 @@ pub(crate) fn add_matmul_tn(
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     const OP: &str = "add_matmul_tn";
     let dev = acc.0.device.clone();
-    let r = range_of(OP, acc.1)?;
+    let r = contiguous_range(OP, "acc", acc.1)?;
     let (ki, mi, ni) = (i32_of(OP, "k", k)?, i32_of(OP, "m", m)?, i32_of(OP, "n", n)?);
     let dt = match acc.0.dtype() {
         DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
