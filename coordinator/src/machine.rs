@@ -13,6 +13,11 @@ use swarm_sharding::{
 /// worker's closed stream is seen within milliseconds, its peers' socket errors as fast.
 pub const FAILURE_GRACE_MS: u64 = 1_500;
 
+/// How far past the last step every rank finished a report may be (steps). Ranks of one job
+/// synchronise every step, so an honest report is at most a few steps ahead; the bound keeps a
+/// report from sizing the loss history or the per-step tables.
+pub const MAX_STEPS_AHEAD: u64 = 1_024;
+
 /// Timing of membership.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -46,6 +51,8 @@ pub struct StepReport {
     pub job: JobId,
     pub worker: WorkerId,
     pub rank: Rank,
+    /// The job attempt the rank runs (a report of an older attempt is refused).
+    pub attempt: u64,
     pub step: Step,
     pub loss: f64,
     pub tokens: u64,
@@ -64,6 +71,7 @@ pub struct CheckpointReport {
     pub job: JobId,
     pub worker: WorkerId,
     pub rank: Rank,
+    pub attempt: u64,
     pub step: Step,
     pub dir: String,
     pub files: Vec<ShardFile>,
@@ -107,6 +115,7 @@ pub enum Event {
         job: JobId,
         worker: WorkerId,
         rank: Rank,
+        attempt: u64,
         ok: bool,
         error: String,
         last_step: Step,
@@ -174,6 +183,10 @@ pub enum Rejection {
     Invalid(String),
     #[error("{worker} is not {rank} of {job}")]
     NotInJob { job: JobId, worker: WorkerId, rank: Rank },
+    #[error("a report for attempt {attempt} of {job}, which now runs attempt {current}")]
+    StaleAttempt { job: JobId, attempt: u64, current: u64 },
+    #[error("{step} is outside {job}'s range: after {after} and at most {last}")]
+    StepOutOfRange { job: JobId, step: Step, after: Step, last: Step },
 }
 
 pub struct Outcome {
@@ -324,8 +337,16 @@ impl Coordinator {
                 self.fail_job(job, reason, &mut cmds);
                 Reply::Done
             }
-            Event::JobResult { job, worker, rank, ok, error, last_step } => {
-                let j = self.job_of(job, worker, rank)?;
+            Event::JobResult { job, worker, rank, attempt, ok, error, last_step } => {
+                let j = self.report_target(job, worker, rank, attempt)?;
+                if last_step > j.total_steps() {
+                    return Err(Rejection::StepOutOfRange {
+                        job,
+                        step: last_step,
+                        after: Step(0),
+                        last: j.total_steps(),
+                    });
+                }
                 j.progress.results.insert(rank, RankResult { ok, error: error.clone(), last_step });
                 if let Some(e) = self.workers.get_mut(&worker)
                     && e.job == Some(job)
@@ -477,10 +498,34 @@ impl Coordinator {
         }
     }
 
-    fn job_of(&mut self, job: JobId, worker: WorkerId, rank: Rank) -> Result<&mut Job, Rejection> {
+    /// The job a rank's report is for, after the checks every report passes at the edge: the
+    /// worker holds that rank, in the job's current attempt.
+    fn report_target(&mut self, job: JobId, worker: WorkerId, rank: Rank, attempt: u64) -> Result<&mut Job, Rejection> {
         let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
         if j.workers.get(rank.0 as usize) != Some(&worker) {
             return Err(Rejection::NotInJob { job, worker, rank });
+        }
+        if attempt != j.attempt {
+            return Err(Rejection::StaleAttempt { job, attempt, current: j.attempt });
+        }
+        Ok(j)
+    }
+
+    /// As [`Self::report_target`], and `step` is one this attempt can report: after the step
+    /// it started from, at most the last, and at most [`MAX_STEPS_AHEAD`] past the last step
+    /// every rank finished.
+    fn step_report_target(
+        &mut self,
+        job: JobId,
+        worker: WorkerId,
+        rank: Rank,
+        attempt: u64,
+        step: Step,
+    ) -> Result<&mut Job, Rejection> {
+        let j = self.report_target(job, worker, rank, attempt)?;
+        let last = Step(j.total_steps().0.min(j.step.0.saturating_add(MAX_STEPS_AHEAD)));
+        if step <= j.start_step || step > last {
+            return Err(Rejection::StepOutOfRange { job, step, after: j.start_step, last });
         }
         Ok(j)
     }
@@ -489,9 +534,17 @@ impl Coordinator {
         if let Some(e) = self.workers.get_mut(&r.worker) {
             e.last_seen_ms = now_ms;
         }
-        let j = self.job_of(r.job, r.worker, r.rank)?;
+        let j = self.step_report_target(r.job, r.worker, r.rank, r.attempt, r.step)?;
         if j.state != JobState::Running {
             return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
+        }
+        let times_ok = [r.compute_s, r.idle_s].iter().all(|t| t.is_finite() && *t >= 0.0);
+        let max_tokens = (j.recipe.train.global_batch as u64).saturating_mul(j.recipe.train.seq_len as u64);
+        if !times_ok || r.tokens > max_tokens {
+            return Err(Rejection::Invalid(format!(
+                "{} of {} reported {} tokens (at most {max_tokens}: train.global_batch x train.seq_len), compute {} s and idle {} s at {}",
+                r.rank, r.job, r.tokens, r.compute_s, r.idle_s, r.step
+            )));
         }
         if !r.loss.is_finite() {
             let reason = format!(
@@ -523,7 +576,8 @@ impl Coordinator {
                 j.step = r.step;
             }
             j.loss = Some(loss);
-            let idx = (r.step.0 - j.start_step.0).saturating_sub(1) as usize;
+            // In range: start_step < step <= step + MAX_STEPS_AHEAD (step_report_target).
+            let idx = (r.step.0 - j.start_step.0 - 1) as usize;
             if j.losses.len() <= idx {
                 j.losses.resize(idx + 1, f64::NAN);
             }
@@ -546,7 +600,7 @@ impl Coordinator {
         r: CheckpointReport,
         cmds: &mut Vec<Command>,
     ) -> Result<Reply, Rejection> {
-        let j = self.job_of(r.job, r.worker, r.rank)?;
+        let j = self.step_report_target(r.job, r.worker, r.rank, r.attempt, r.step)?;
         if j.state != JobState::Running {
             return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
         }

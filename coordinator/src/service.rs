@@ -293,6 +293,7 @@ impl CoordinatorRpc for Service {
             job: JobId(r.job_id),
             worker: WorkerId(r.worker_id),
             rank: Rank(r.rank),
+            attempt: r.attempt,
             ok: r.ok,
             error: to_proto::text("error", r.error)?,
             last_step: Step(r.last_step),

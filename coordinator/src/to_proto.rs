@@ -14,6 +14,8 @@ pub fn status(r: Rejection) -> Status {
         Rejection::UnknownWorker(_) | Rejection::UnknownJob(_) => Status::not_found(r.to_string()),
         Rejection::Invalid(_) => Status::invalid_argument(r.to_string()),
         Rejection::NotInJob { .. } => Status::permission_denied(r.to_string()),
+        Rejection::StaleAttempt { .. } => Status::failed_precondition(r.to_string()),
+        Rejection::StepOutOfRange { .. } => Status::out_of_range(r.to_string()),
     }
 }
 
@@ -97,6 +99,7 @@ pub fn step_report_from_proto(r: &pb::StepReport) -> StepReport {
         job: JobId(r.job_id),
         worker: WorkerId(r.worker_id),
         rank: Rank(r.rank),
+        attempt: r.attempt,
         step: Step(r.step),
         loss: r.loss,
         tokens: r.tokens,
@@ -119,6 +122,7 @@ pub fn checkpoint_from_proto(r: pb::CheckpointReport) -> Result<CheckpointReport
         job: JobId(r.job_id),
         worker: WorkerId(r.worker_id),
         rank: Rank(r.rank),
+        attempt: r.attempt,
         step: Step(r.step),
         dir: text("checkpoint.dir", r.dir)?,
         files: r

@@ -54,6 +54,7 @@ fn assigns(cmds: &[Command]) -> Vec<(WorkerId, Rank, usize, usize)> {
 
 fn ckpt(job: JobId, w: WorkerId, r: u32, step: u64) -> Event {
     Event::CheckpointWritten(CheckpointReport {
+        attempt: 1,
         job,
         worker: w,
         rank: Rank(r),
@@ -86,12 +87,13 @@ fn job_waits_for_workers_then_runs_to_success() {
                 .step(
                     100 * step,
                     Event::StepDone(StepReport {
+                        attempt: 1,
                         job,
                         worker: *w,
                         rank: Rank(r as u32),
                         step: Step(step),
                         loss: 2.0 + r as f64,
-                        tokens: 100,
+                        tokens: 16,
                         peak_memory_bytes: 1000 + r as u64,
                         bytes_sent: 10 + r as u64,
                         compute_s: 1.0,
@@ -124,6 +126,7 @@ fn job_waits_for_workers_then_runs_to_success() {
         c.step(
             302,
             Event::JobResult {
+                attempt: 1,
                 job,
                 worker: *w,
                 rank: Rank(r as u32),
@@ -185,6 +188,7 @@ fn rank_failure_is_reported_with_its_error() {
     c.step(
         5,
         Event::JobResult {
+            attempt: 1,
             job,
             worker: ws[1],
             rank: Rank(1),
@@ -210,6 +214,7 @@ fn a_lost_worker_is_named_over_its_peers_errors() {
     let (job, _) = submit(&mut c, 0, 10, 2);
     let workers = c.job(job).unwrap().workers.clone();
     let result = |rank: u32| Event::JobResult {
+        attempt: 1,
         job,
         worker: workers[rank as usize],
         rank: Rank(rank),
@@ -238,6 +243,7 @@ fn reports_from_strangers_are_rejected() {
     let e = c.step(
         1,
         Event::StepDone(StepReport {
+            attempt: 1,
             job,
             worker: other,
             rank: Rank(0),
@@ -262,6 +268,7 @@ fn non_finite_loss_fails_the_job() {
         .step(
             1,
             Event::StepDone(StepReport {
+                attempt: 1,
                 job,
                 worker: ws[0],
                 rank: Rank(0),
@@ -289,6 +296,7 @@ fn a_lost_final_checkpoint_report_fails_the_job_instead_of_hanging() {
         c.step(
             2,
             Event::JobResult {
+                attempt: 1,
                 job,
                 worker: *w,
                 rank: Rank(r as u32),
@@ -316,6 +324,7 @@ fn workers_of_a_failed_job_stay_busy_until_they_report_stopping() {
     c.step(
         3,
         Event::JobResult {
+            attempt: 1,
             job,
             worker: ws[0],
             rank: Rank(0),
@@ -329,6 +338,7 @@ fn workers_of_a_failed_job_stay_busy_until_they_report_stopping() {
         .step(
             4,
             Event::JobResult {
+                attempt: 1,
                 job,
                 worker: ws[1],
                 rank: Rank(1),
@@ -413,6 +423,7 @@ fn a_named_placement_puts_each_rank_on_its_worker() {
         c.step(
             3,
             Event::JobResult {
+                attempt: 1,
                 job: busy,
                 worker: *w,
                 rank: Rank(rank as u32),
@@ -425,4 +436,77 @@ fn a_named_placement_puts_each_rank_on_its_worker() {
     }
     assert_eq!(c.job(job).unwrap().state, JobState::Running);
     assert_eq!(c.job(job).unwrap().workers, vec![ws[2], ws[0]], "rank 0 on host2, rank 1 on host0");
+}
+
+fn report(job: JobId, worker: WorkerId, step: u64) -> StepReport {
+    StepReport {
+        attempt: 1,
+        job,
+        worker,
+        rank: Rank(0),
+        step: Step(step),
+        loss: 1.0,
+        tokens: 8,
+        peak_memory_bytes: 0,
+        bytes_sent: 0,
+        compute_s: 0.1,
+        idle_s: 0.0,
+    }
+}
+
+/// Every number of a report is checked before it sizes or indexes anything: a step before the
+/// job's start (once an underflow that panicked under the service's lock), past its end or far
+/// ahead of the other ranks, an old attempt, impossible token counts and times. Each is refused
+/// and the job keeps running; an honest report afterwards is taken.
+#[test]
+fn reports_outside_the_job_are_refused_and_leave_it_running() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 2);
+    let resume = swarm_sharding::ResumePoint { dir: "c/step-000004".into(), step: Step(4) };
+    let out = c.step(0, Event::Submit { recipe: Box::new(recipe(3000, 4)), nodes: 1, resume: Some(resume) }).unwrap();
+    let Reply::Submitted(job) = out.reply else { panic!() };
+    let w = c.job(job).unwrap().workers[0];
+    let bad = [
+        (report(job, w, 0), "after step4"),
+        (report(job, w, 4), "after step4"),
+        (report(job, w, 3001), "at most"),
+        (report(job, w, 4 + 1025), "at most step1028"),
+        (StepReport { attempt: 0, ..report(job, w, 5) }, "attempt 0"),
+        (StepReport { attempt: 2, ..report(job, w, 5) }, "attempt 2"),
+        (StepReport { tokens: 33, ..report(job, w, 5) }, "33 tokens"),
+        (StepReport { compute_s: -1.0, ..report(job, w, 5) }, "compute -1"),
+        (StepReport { idle_s: f64::INFINITY, ..report(job, w, 5) }, "idle inf"),
+    ];
+    for (r, why) in bad {
+        let e = c.step(1, Event::StepDone(r.clone())).err().unwrap_or_else(|| panic!("{r:?} was taken"));
+        assert!(e.to_string().contains(why), "{e} (expected {why:?})");
+        assert_eq!(c.job(job).unwrap().state, JobState::Running, "{e}");
+    }
+    let mut ck = match ckpt(job, w, 0, 2) {
+        Event::CheckpointWritten(r) => r,
+        _ => unreachable!(),
+    };
+    assert!(c.step(1, Event::CheckpointWritten(ck.clone())).is_err(), "a checkpoint before the start");
+    ck.step = Step(6);
+    ck.attempt = 7;
+    assert!(c.step(1, Event::CheckpointWritten(ck)).is_err(), "a checkpoint of another attempt");
+    let result = |attempt, last_step| Event::JobResult {
+        attempt,
+        job,
+        worker: w,
+        rank: Rank(0),
+        ok: false,
+        error: "forged".into(),
+        last_step: Step(last_step),
+    };
+    assert!(c.step(1, result(3, 5)).is_err(), "a result of another attempt");
+    assert!(c.step(1, result(1, 3001)).is_err(), "a result past the last step");
+    let other = ws.iter().copied().find(|x| *x != w).unwrap();
+    assert!(c.step(1, Event::StepDone(report(job, other, 5))).is_err(), "a worker not in the job");
+    assert_eq!(c.job(job).unwrap().state, JobState::Running);
+
+    let out = c.step(2, Event::StepDone(report(job, w, 5))).unwrap();
+    assert_eq!(out.reply, Reply::Ack { cancel: None });
+    let j = c.job(job).unwrap();
+    assert_eq!((j.step, j.losses.clone()), (Step(5), vec![1.0]));
 }

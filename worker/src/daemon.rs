@@ -154,12 +154,15 @@ async fn serve(
         while let Some(msg) = stream.message().await? {
             match msg.kind {
                 Some(pb::assignment::Kind::Train(t)) => {
-                    let job = JobId(t.job_id);
+                    let (job, attempt) = (JobId(t.job_id), t.attempt);
                     match proto_conv::assignment_from_proto(t) {
                         Ok(a) => {
                             start_job(client.clone(), worker, a, dp.clone(), running.clone(), device.clone()).await
                         }
-                        Err(e) => report_result(&mut client.clone(), job, worker, 0, Err(format!("{e:#}")), 0).await,
+                        Err(e) => {
+                            let rank = (worker, 0, attempt);
+                            report_result(&mut client.clone(), job, rank, Err(format!("{e:#}")), 0).await
+                        }
                     }
                 }
                 Some(pb::assignment::Kind::Cancel(c)) => {
@@ -182,11 +185,11 @@ async fn serve(
     }
 }
 
+/// `who`: the worker, its rank and the assignment's attempt.
 async fn report_result(
     client: &mut Client,
     job: JobId,
-    worker: WorkerId,
-    rank: u32,
+    who: (WorkerId, u32, u64),
     result: Result<u64, String>,
     last_step: u64,
 ) {
@@ -196,7 +199,8 @@ async fn report_result(
     };
     let mut error = error;
     error.truncate(swarm_proto::limits::MAX_TEXT_BYTES - 16);
-    let req = pb::WorkerJobResult { job_id: job.0, worker_id: worker.0, rank, ok, error, last_step };
+    let (worker, rank, attempt) = who;
+    let req = pb::WorkerJobResult { job_id: job.0, worker_id: worker.0, rank, ok, error, last_step, attempt };
     if let Err(e) = client.report_job_result(req).await {
         warn!(%job, "could not report the job's result: {e}");
     }
@@ -213,7 +217,7 @@ async fn start_job(
     let mut slot = running.lock().await;
     if let Some(r) = slot.as_ref() {
         let msg = format!("{worker} is still running {}", r.job);
-        report_result(&mut client.clone(), a.job, worker, a.rank.0, Err(msg), 0).await;
+        report_result(&mut client.clone(), a.job, (worker, a.rank.0, a.attempt), Err(msg), 0).await;
         return;
     }
     let cancel = Arc::new(AtomicBool::new(false));
@@ -263,6 +267,7 @@ async fn start_job(
                                     .collect(),
                                 rng_state,
                                 data_cursor,
+                                attempt: a2.attempt,
                             };
                             match rc.report_checkpoint(req).await {
                                 Ok(resp) if resp.get_ref().accepted => None,
@@ -309,7 +314,7 @@ async fn start_job(
                 Err(e) => error!("job failed: {e}"),
             }
             *running.lock().await = None;
-            report_result(&mut client.clone(), a.job, worker, a.rank.0, result, last).await;
+            report_result(&mut client.clone(), a.job, (worker, a.rank.0, a.attempt), result, last).await;
         }
         .instrument(span),
     );

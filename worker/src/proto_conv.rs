@@ -59,5 +59,6 @@ pub fn step_to_proto(a: &Assignment, worker: WorkerId, s: &StepStats) -> pb::Ste
         lr: s.lr,
         grad_norm: s.grad_norm,
         bytes_sent: s.bytes_sent,
+        attempt: a.attempt,
     }
 }
