@@ -27,6 +27,8 @@ enum Command {
     Plan(cli::plan::PlanArgs),
     /// Show the coordinator's jobs and workers.
     Status(cli::status::StatusArgs),
+    /// Print the admin token (or, with --join, the join token) of the coordinator on this machine.
+    Token(cli::token::TokenArgs),
     /// Mean next-token cross-entropy and perplexity of a model directory on a text file.
     Eval(cli::eval::EvalArgs),
     /// Check this machine: CPU, GPUs, CUDA libraries, a kernel launch, NCCL.
@@ -57,13 +59,6 @@ enum BenchCommand {
     Kernels(cli::bench_kernels::BenchKernelsArgs),
 }
 
-/// Where `swarm train`/`status` look for a coordinator when --coordinator is not given.
-pub const DEFAULT_COORDINATOR: &str = "127.0.0.1:7450";
-
-pub fn default_coordinator() -> String {
-    std::env::var("SWARM_COORDINATOR").unwrap_or_else(|_| DEFAULT_COORDINATOR.to_string())
-}
-
 pub fn default_data_dir() -> PathBuf {
     std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
@@ -79,6 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(_)
             | Command::Eval(_)
             | Command::Status(_)
+            | Command::Token(_)
             | Command::Doctor(_)
             | Command::Plan(_)
             | Command::Data { .. }
@@ -98,6 +94,7 @@ fn main() -> std::process::ExitCode {
             Command::Worker(a) => cli::worker::run(a).await,
             Command::Train(a) => cli::train::run(a).await,
             Command::Status(a) => cli::status::run(a).await,
+            Command::Token(a) => cli::token::run(a).await,
             Command::Plan(a) => cli::plan::run(a).await,
             Command::Eval(a) => cli::eval::run(a).await,
             Command::Doctor(a) => cli::doctor::run(a).await,

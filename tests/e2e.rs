@@ -547,14 +547,19 @@ fn start_coordinator(state: &Path) -> (std::process::Child, String) {
         .unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(up.stdout.take().unwrap()), &mut line).unwrap();
-    let addr =
-        line.trim().strip_prefix("swarm coordinator listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
-    (up, addr)
+    let addr = line.trim().strip_prefix("swarm coordinator listening on ").unwrap_or_else(|| panic!("{line}"));
+    (up, addr.split_whitespace().next().unwrap().to_string())
 }
 
-fn start_worker(addr: &str, name: &str) -> std::process::Child {
+/// The token `swarm up` with state in `state` wrote (`join` or `admin`).
+fn token(state: &Path, kind: &str) -> String {
+    std::fs::read_to_string(state.join(format!("identity/{kind}.token"))).unwrap()
+}
+
+fn start_worker(state: &Path, addr: &str, name: &str) -> std::process::Child {
     Command::new(BIN)
-        .args(["worker", "--coordinator", addr, "--name", name, "--data-listen", "127.0.0.1:0"])
+        .args(["worker", "--join", &token(state, "join"), "--coordinator", addr, "--name", name])
+        .args(["--data-listen", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -566,14 +571,17 @@ fn start_worker(addr: &str, name: &str) -> std::process::Child {
 /// it): the job fails within seconds, naming the lost worker and its stage; nothing hangs.
 #[test]
 fn killing_a_worker_fails_the_job_quickly_and_names_it() {
-    let (up, addr) = start_coordinator(&scratch().join("kill-state"));
-    let mut victim = start_worker(&addr, "victim");
-    let other = start_worker(&addr, "survivor");
+    let state = scratch().join("kill-state");
+    let (up, addr) = start_coordinator(&state);
+    let admin = token(&state, "admin");
+    let mut victim = start_worker(&state, &addr, "victim");
+    let other = start_worker(&state, &addr, "survivor");
     let r = parallel_recipe("kill-worker", "pipeline_stages: 2, micro_batch_rows: [2]", "");
     let yaml = std::fs::read_to_string(&r).unwrap().replace("steps: 20,", "steps: 100000,");
     std::fs::write(&r, yaml).unwrap();
     let mut train = Command::new(BIN)
-        .args(["train", "--coordinator", &addr, "--nodes", "2", "--json", "--recipe", r.to_str().unwrap()])
+        .args(["train", "--coordinator", &addr, "--token", &admin, "--nodes", "2", "--json", "--recipe"])
+        .arg(&r)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -600,7 +608,7 @@ fn killing_a_worker_fails_the_job_quickly_and_names_it() {
     assert!(err.contains("victim") && err.contains("failed") && err.contains("of 2"), "{err}");
     eprintln!("failed {:?} after the kill: {}", killed_at.elapsed(), err.trim());
     // The survivor is free again and the coordinator still answers.
-    let o = swarm(&["status", "--coordinator", &addr, "--json"]);
+    let o = swarm(&["status", "--coordinator", &addr, "--token", &admin, "--json"]);
     let s: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["jobs"][0]["state"], "failed");
     for mut p in [other, up] {
@@ -616,12 +624,24 @@ fn standalone_coordinator_keeps_its_jobs_across_a_restart() {
     let state = scratch().join("up-state");
     let start_up = || start_coordinator(&state);
     let (mut up, addr) = start_up();
-    let workers: Vec<_> = (0..2).map(|i| start_worker(&addr, &format!("box{i}"))).collect();
+    let workers: Vec<_> = (0..2).map(|i| start_worker(&state, &addr, &format!("box{i}"))).collect();
     let r = recipe("standalone", "");
-    let o = swarm(&["train", "--coordinator", &addr, "--nodes", "2", "--json", "--recipe", r.to_str().unwrap()]);
+    let admin = token(&state, "admin");
+    let o = swarm(&[
+        "train",
+        "--coordinator",
+        &addr,
+        "--token",
+        &admin,
+        "--nodes",
+        "2",
+        "--json",
+        "--recipe",
+        r.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let status = |addr: &str| -> Value {
-        let o = swarm(&["status", "--coordinator", addr, "--json"]);
+        let o = swarm(&["status", "--coordinator", addr, "--token", &admin, "--json"]);
         assert!(o.status.success(), "{}", text(&o));
         serde_json::from_slice(&o.stdout).unwrap()
     };

@@ -3,6 +3,7 @@
 //! back. All state lives in the machine; this layer holds only channels.
 
 use crate::checkpoint;
+use crate::identity::Secrets;
 use crate::machine::{Command, Config, Coordinator, Event, Reply};
 use crate::store::Store;
 use crate::to_proto::{self, status};
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use swarm_proto::trust::{Secret, bearer_of};
 use swarm_proto::v1 as pb;
 use swarm_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use swarm_sharding::{JobId, Rank, Recipe, Step, WorkerId};
@@ -39,6 +41,9 @@ struct Shared {
     streams: Mutex<HashMap<WorkerId, WorkerStream>>,
     watchers: Mutex<HashMap<JobId, watch::Sender<pb::JobStatus>>>,
     next_generation: Mutex<u64>,
+    secrets: Secrets,
+    /// Each registered worker's credential: its requests must present it.
+    credentials: Mutex<HashMap<WorkerId, Secret>>,
 }
 
 /// The coordinator service. Cheap to clone.
@@ -48,8 +53,9 @@ pub struct Service {
 }
 
 impl Service {
-    /// Opens the store under `data_dir`, recovers the jobs it holds and starts the lease ticker.
-    pub fn open(data_dir: &Path, config: Config) -> anyhow::Result<Service> {
+    /// Opens the store under `data_dir` and recovers the jobs it holds. Requests are checked
+    /// against `secrets`.
+    pub fn open(data_dir: &Path, config: Config, secrets: Secrets) -> anyhow::Result<Service> {
         let store = Store::open(data_dir)?;
         let jobs = store.load_jobs()?;
         let n = jobs.len();
@@ -61,6 +67,8 @@ impl Service {
                 streams: Mutex::new(HashMap::new()),
                 watchers: Mutex::new(HashMap::new()),
                 next_generation: Mutex::new(0),
+                secrets,
+                credentials: Mutex::new(HashMap::new()),
             }),
         };
         {
@@ -105,7 +113,8 @@ impl Service {
             let follow_up = match cmd {
                 Command::Assign { worker, assignment } => {
                     info!(job = %assignment.job, %worker, rank = %assignment.rank, "assigning");
-                    self.send(worker, to_proto::assignment_to_proto(&assignment)).err()
+                    let secret = self.shared.secrets.job_secret(assignment.job, assignment.attempt);
+                    self.send(worker, to_proto::assignment_to_proto(&assignment, &secret)).err()
                 }
                 Command::Cancel { worker, job, reason } => {
                     let _ = self.send(worker, to_proto::cancel_to_proto(job, &reason));
@@ -167,6 +176,49 @@ impl Service {
         }
     }
 
+    /// Requests that submit, follow, cancel or list jobs must present the admin secret.
+    fn require_admin<T>(&self, req: &Request<T>, rpc: &str) -> Result<(), Status> {
+        match bearer_of(req.metadata()) {
+            Some(s) if s.matches(&self.shared.secrets.admin) => Ok(()),
+            presented => Err(refuse(
+                req,
+                rpc,
+                presented.is_some(),
+                "the admin token",
+                "pass --token (`swarm token` on the coordinator's machine prints it)",
+            )),
+        }
+    }
+
+    /// A worker registers with the join secret.
+    fn require_join<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match bearer_of(req.metadata()) {
+            Some(s) if s.matches(&self.shared.secrets.join) => Ok(()),
+            presented => Err(refuse(
+                req,
+                "RegisterWorker",
+                presented.is_some(),
+                "the join token",
+                "use the join command `swarm up` printed",
+            )),
+        }
+    }
+
+    /// Everything else a worker does presents the credential issued to `worker` at registration.
+    fn require_worker<T>(&self, req: &Request<T>, worker: WorkerId, rpc: &str) -> Result<(), Status> {
+        let issued = self.shared.credentials.lock().expect("credentials lock").get(&worker).copied();
+        match (bearer_of(req.metadata()), issued) {
+            (Some(s), Some(c)) if s.matches(&c) => Ok(()),
+            (presented, _) => Err(refuse(
+                req,
+                rpc,
+                presented.is_some(),
+                &format!("the credential of {worker}"),
+                "register again with the join token",
+            )),
+        }
+    }
+
     fn watch_job(&self, job: JobId) -> Result<watch::Receiver<pb::JobStatus>, Status> {
         let m = self.shared.machine.lock().expect("machine lock");
         let j = m.job(job).ok_or_else(|| Status::not_found(format!("unknown job {job}")))?;
@@ -210,6 +262,14 @@ impl Drop for AssignmentStream {
     }
 }
 
+/// An unauthenticated request: logged with where it came from, refused with what to do.
+fn refuse<T>(req: &Request<T>, rpc: &str, presented: bool, needs: &str, fix: &str) -> Status {
+    let peer = req.remote_addr().map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+    let what = if presented { "a wrong secret" } else { "no secret" };
+    warn!(%peer, rpc, "refused a request with {what}: it needs {needs}");
+    Status::unauthenticated(format!("{rpc} needs {needs}, and this request presented {what}; {fix}"))
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -219,6 +279,7 @@ impl CoordinatorRpc for Service {
         &self,
         req: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        self.require_join(&req)?;
         let r = req.into_inner();
         let event = Event::Register {
             name: to_proto::text("name", r.name)?,
@@ -228,14 +289,29 @@ impl CoordinatorRpc for Service {
         match self.apply(event)? {
             Reply::Registered { worker, lease_ms, heartbeat_interval_ms } => {
                 info!(%worker, "worker registered");
-                Ok(Response::new(pb::RegisterWorkerResponse { worker_id: worker.0, lease_ms, heartbeat_interval_ms }))
+                let credential = Secret::random();
+                {
+                    let m = self.shared.machine.lock().expect("machine lock");
+                    let mut creds = self.shared.credentials.lock().expect("credentials lock");
+                    // Credentials of workers the machine no longer knows are dead.
+                    creds.retain(|w, _| m.workers().any(|e| e.id == *w));
+                    creds.insert(worker, credential);
+                }
+                Ok(Response::new(pb::RegisterWorkerResponse {
+                    worker_id: worker.0,
+                    lease_ms,
+                    heartbeat_interval_ms,
+                    credential: credential.to_hex(),
+                }))
             }
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        match self.apply(Event::Heartbeat(WorkerId(req.into_inner().worker_id)))? {
+        let worker = WorkerId(req.get_ref().worker_id);
+        self.require_worker(&req, worker, "Heartbeat")?;
+        match self.apply(Event::Heartbeat(worker))? {
             Reply::Heartbeat { known } => Ok(Response::new(pb::HeartbeatResponse { known })),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
@@ -248,7 +324,8 @@ impl CoordinatorRpc for Service {
         &self,
         req: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        let worker = WorkerId(req.into_inner().worker_id);
+        let worker = WorkerId(req.get_ref().worker_id);
+        self.require_worker(&req, worker, "WatchAssignments")?;
         let (tx, rx) = mpsc::channel(ASSIGNMENT_QUEUE);
         let generation = {
             let mut g = self.shared.next_generation.lock().expect("generation lock");
@@ -263,6 +340,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn report_step(&self, req: Request<pb::StepReport>) -> Result<Response<pb::StepReportResponse>, Status> {
+        self.require_worker(&req, WorkerId(req.get_ref().worker_id), "ReportStep")?;
         let r = req.into_inner();
         match self.apply(Event::StepDone(to_proto::step_report_from_proto(&r)))? {
             Reply::Ack { cancel } => Ok(Response::new(pb::StepReportResponse {
@@ -277,6 +355,7 @@ impl CoordinatorRpc for Service {
         &self,
         req: Request<pb::CheckpointReport>,
     ) -> Result<Response<pb::CheckpointReportResponse>, Status> {
+        self.require_worker(&req, WorkerId(req.get_ref().worker_id), "ReportCheckpoint")?;
         let r = to_proto::checkpoint_from_proto(req.into_inner())?;
         match self.apply(Event::CheckpointWritten(r))? {
             Reply::Ack { cancel } => Ok(Response::new(pb::CheckpointReportResponse { accepted: cancel.is_none() })),
@@ -288,6 +367,7 @@ impl CoordinatorRpc for Service {
         &self,
         req: Request<pb::WorkerJobResult>,
     ) -> Result<Response<pb::WorkerJobResultResponse>, Status> {
+        self.require_worker(&req, WorkerId(req.get_ref().worker_id), "ReportJobResult")?;
         let r = req.into_inner();
         self.apply(Event::JobResult {
             job: JobId(r.job_id),
@@ -303,6 +383,7 @@ impl CoordinatorRpc for Service {
 
     #[instrument(skip_all, fields(nodes = req.get_ref().nodes))]
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        self.require_admin(&req, "SubmitJob")?;
         let r = req.into_inner();
         if r.recipe_json.len() > swarm_proto::limits::MAX_RECIPE_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -337,6 +418,7 @@ impl CoordinatorRpc for Service {
     type WatchJobStream = BoxStream<pb::JobEvent>;
 
     async fn watch_job(&self, req: Request<pb::JobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.require_admin(&req, "WatchJob")?;
         let mut rx = self.watch_job(JobId(req.into_inner().job_id))?;
         let (tx, out) = mpsc::channel(8);
         tokio::spawn(async move {
@@ -355,6 +437,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        self.require_admin(&req, "CancelJob")?;
         let r = req.into_inner();
         let reason =
             if r.reason.is_empty() { "cancelled by the user".to_string() } else { to_proto::text("reason", r.reason)? };
@@ -362,7 +445,8 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(pb::CancelJobResponse {}))
     }
 
-    async fn status(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn status(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.require_admin(&req, "Status")?;
         let m = self.shared.machine.lock().expect("machine lock");
         let now = now_ms();
         Ok(Response::new(pb::ClusterStatus {

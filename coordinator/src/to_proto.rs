@@ -67,7 +67,8 @@ pub fn devices_from_proto(ds: Vec<pb::Device>) -> Result<Vec<DeviceInfo>, Status
     ds.into_iter().map(device_from_proto).collect()
 }
 
-pub fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
+/// `job_secret`: the data-plane secret of this attempt (`identity::Secrets::job_secret`).
+pub fn assignment_to_proto(a: &Assignment, job_secret: &swarm_proto::trust::Secret) -> pb::Assignment {
     pb::Assignment {
         kind: Some(pb::assignment::Kind::Train(pb::TrainAssignment {
             job_id: a.job.0,
@@ -84,6 +85,7 @@ pub fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
             batch_offset: a.share.offset as u32,
             batch_count: a.share.count as u32,
             attempt: a.attempt,
+            job_secret: job_secret.0.to_vec(),
         })),
     }
 }

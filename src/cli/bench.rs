@@ -114,9 +114,10 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         recipe.checkpoint.dir = dir.join("checkpoints");
         recipe.train.global_batch = batch_for(n, fixed);
         let mut cluster = LocalCluster::start(n, &dir.join("coordinator"), &dir.join("logs"))?;
-        let addr = cluster.addr.clone();
+        let token = cluster.admin.clone();
+        let target = super::train::Target { token: &token, wait: std::time::Duration::from_secs(600) };
         let mut seen: Vec<(u64, Instant)> = Vec::new();
-        let status = super::train::submit_and_follow(&addr, &recipe, n, false, false, Some(&mut cluster), |s| {
+        let status = super::train::submit_and_follow(target, &recipe, n, false, false, Some(&mut cluster), |s| {
             if s.state == "running" && seen.last().is_none_or(|(st, _)| *st < s.step) {
                 seen.push((s.step, Instant::now()));
             }

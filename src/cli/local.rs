@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub struct LocalCluster {
-    pub addr: String,
+    /// The local coordinator's admin token.
+    pub admin: swarm_proto::trust::Token,
     pub log_dir: PathBuf,
     coordinator: Child,
     workers: Vec<Child>,
@@ -44,14 +45,22 @@ impl LocalCluster {
             for _ in lines {} // drain, so the coordinator never blocks on a full pipe
         });
         let first = rx.recv_timeout(Duration::from_secs(30)).ok().and_then(|l| l.and_then(Result::ok));
-        let Some(addr) =
-            first.as_deref().and_then(|l| l.strip_prefix("swarm coordinator listening on ")).map(str::to_string)
+        let Some(addr) = first
+            .as_deref()
+            .and_then(|l| l.strip_prefix("swarm coordinator listening on "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
         else {
             let _ = coordinator.kill();
             bail!("the local coordinator did not start; see {}", log_dir.join("coordinator.log").display());
         };
-        let mut cluster =
-            LocalCluster { addr: addr.clone(), log_dir: log_dir.to_path_buf(), coordinator, workers: Vec::new() };
+        // The tokens are written before that line is printed.
+        use swarm_coordinator::identity::{ClusterIdentity, read_token};
+        use swarm_proto::trust::TokenKind;
+        let ids = state_dir.join(ClusterIdentity::DIR);
+        let admin = read_token(&ids.join(ClusterIdentity::ADMIN_TOKEN), TokenKind::Admin)?;
+        let join = read_token(&ids.join(ClusterIdentity::JOIN_TOKEN), TokenKind::Join)?.encode();
+        let mut cluster = LocalCluster { admin, log_dir: log_dir.to_path_buf(), coordinator, workers: Vec::new() };
         // Local workers share this machine's cores: each gets its share for candle's thread pool,
         // unless the user chose a number.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -60,6 +69,7 @@ impl LocalCluster {
             let name = format!("local-{i}");
             let child = Command::new(&exe)
                 .env("RAYON_NUM_THREADS", &threads)
+                .env("SWARM_JOIN_TOKEN", &join)
                 .args([
                     "worker",
                     "--coordinator",

@@ -1,5 +1,6 @@
 //! The subcommands. Each module parses its arguments and calls into the library crates.
 
+pub mod auth;
 pub mod bench;
 pub mod bench_kernels;
 pub mod data;
@@ -9,6 +10,7 @@ pub mod local;
 pub mod plan;
 pub mod recipe;
 pub mod status;
+pub mod token;
 pub mod train;
 pub mod up;
 pub mod worker;

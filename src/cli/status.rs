@@ -2,11 +2,13 @@
 
 use clap::Args;
 use swarm_proto::v1 as pb;
-use swarm_worker::daemon::connect;
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// host:port of the coordinator (default: $SWARM_COORDINATOR or 127.0.0.1:7450).
+    /// The coordinator's admin token (default: the one of a coordinator on this machine).
+    #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// host:port of the coordinator, instead of the addresses the token lists.
     #[arg(long)]
     pub coordinator: Option<String>,
     /// Print JSON for programs.
@@ -44,9 +46,10 @@ pub fn job_json(j: &pb::JobStatus) -> serde_json::Value {
 }
 
 pub async fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let addr = a.coordinator.unwrap_or_else(crate::default_coordinator);
-    let mut client = connect(&addr).await?;
-    let s = client.status(pb::ListJobsRequest {}).await?.into_inner();
+    let token = super::auth::require_admin_token(a.token.as_deref(), a.coordinator.as_deref())?;
+    let (channel, addr) = swarm_proto::trust::connect_channel(&token.addrs, token.pin).await?;
+    let mut client = swarm_proto::trust::client(channel, &token.secret);
+    let s = client.status(pb::ListJobsRequest {}).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?.into_inner();
     if a.json {
         let workers: Vec<_> = s
             .workers

@@ -7,9 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
+use swarm_proto::trust::{Client, Token};
 use swarm_proto::v1 as pb;
 use swarm_sharding::Recipe;
-use swarm_worker::daemon::connect;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -22,10 +22,17 @@ pub struct TrainArgs {
     /// Continue from the recipe's last committed checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// host:port of the coordinator. Without it, $SWARM_COORDINATOR or 127.0.0.1:7450 is tried
-    /// and, when nothing answers there, a local coordinator and --nodes local workers are started.
+    /// The coordinator's admin token (`swarm token` on its machine prints it). Without it, the
+    /// token of a coordinator on this machine is used, and when none answers, a local
+    /// coordinator and --nodes local workers are started.
+    #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// host:port of the coordinator, instead of the addresses the token lists.
     #[arg(long)]
     pub coordinator: Option<String>,
+    /// How long to wait for --nodes idle workers before giving up (e.g. 90s, 10m, 1h).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub wait: Duration,
     /// Always start a local coordinator and workers, even if one answers at the default address.
     #[arg(long)]
     pub local: bool,
@@ -37,9 +44,46 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
+/// `90s`, `10m`, `1h` or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// "3 of 4 workers connected: pc-a, pc-b, laptop", from the coordinator's worker list: the idle
+/// workers the job could start on (named ones only, for a placement by name), and those busy.
+fn waiting_message(s: &pb::ClusterStatus, nodes: usize, named: Option<&[String]>) -> String {
+    let wanted = |w: &&pb::WorkerStatus| named.is_none_or(|n| n.contains(&w.name));
+    let idle: Vec<&str> =
+        s.workers.iter().filter(|w| w.state == "idle").filter(wanted).map(|w| w.name.as_str()).collect();
+    let busy: Vec<&str> =
+        s.workers.iter().filter(|w| w.state == "busy").filter(wanted).map(|w| w.name.as_str()).collect();
+    let mut m = format!("{} of {nodes} workers connected", idle.len());
+    if !idle.is_empty() {
+        m.push_str(&format!(": {}", idle.join(", ")));
+    }
+    if !busy.is_empty() {
+        m.push_str(&format!(" (busy with another job: {})", busy.join(", ")));
+    }
+    m
+}
+
+/// Where a job is submitted and how long it may wait for its workers.
+pub struct Target<'a> {
+    pub token: &'a Token,
+    pub wait: Duration,
+}
+
 /// Submits and follows a job to its end. `on_status` sees every status the coordinator sends.
 pub async fn submit_and_follow(
-    addr: &str,
+    target: Target<'_>,
     recipe: &Recipe,
     nodes: usize,
     resume: bool,
@@ -47,7 +91,7 @@ pub async fn submit_and_follow(
     mut local: Option<&mut LocalCluster>,
     mut on_status: impl FnMut(&pb::JobStatus),
 ) -> anyhow::Result<pb::JobStatus> {
-    let mut client = connect(addr).await?;
+    let mut client: Client = super::auth::admin_client(target.token).await?;
     let job = client
         .submit_job(pb::SubmitJobRequest { recipe_json: serde_json::to_string(recipe)?, nodes: nodes as u32, resume })
         .await
@@ -73,12 +117,29 @@ pub async fn submit_and_follow(
     let mut last_printed = 0u64;
     let mut started = false;
     let mut last = None;
+    let mut waiting_said = String::new();
+    let give_up_at = std::time::Instant::now() + target.wait;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let status = loop {
         let msg = tokio::select! {
             m = stream.message() => m.context("following the job")?,
             _ = tick.tick() => {
                 if let Some(l) = local.as_deref_mut() { l.check_alive()?; }
+                if !started {
+                    let s = client.status(pb::ListJobsRequest {}).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?.into_inner();
+                    let m = waiting_message(&s, nodes, recipe.parallel.workers.as_deref());
+                    if std::time::Instant::now() >= give_up_at {
+                        pb.abandon();
+                        let reason = format!("gave up after waiting {:?} for workers (--wait)", target.wait);
+                        let _ = client.cancel_job(pb::CancelJobRequest { job_id: job, reason }).await;
+                        bail!("job-{job} did not start within --wait {:?}: {m}; start more workers (`swarm worker --join TOKEN`) or lower --nodes", target.wait);
+                    }
+                    if m != waiting_said {
+                        if show && !tty { eprintln!("job-{job} waiting: {m}"); }
+                        pb.set_message(m.clone());
+                        waiting_said = m;
+                    }
+                }
                 continue;
             }
             () = super::shutdown_signal() => {
@@ -157,31 +218,40 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     super::recipe::ensure_dataset(&recipe, &a.recipe, show)?;
     super::recipe::resolve(&mut recipe, &a.recipe)?;
 
-    let explicit = a.coordinator.is_some();
-    let addr = a.coordinator.unwrap_or_else(crate::default_coordinator);
+    let found = if a.local { None } else { super::auth::admin_token(a.token.as_deref(), a.coordinator.as_deref())? };
+    if found.is_none() && a.coordinator.is_some() {
+        super::auth::require_admin_token(None, None)?;
+    }
     let mut local = None;
-    let addr = if !a.local && connect(&addr).await.is_ok() {
-        addr
-    } else if explicit && !a.local {
-        bail!(
-            "no coordinator answers at {addr}; start one with `swarm up`, or leave out --coordinator to train on this machine"
-        );
+    let token = match found {
+        Some((token, explicit)) => match super::auth::admin_client(&token).await {
+            Ok(_) => Some(token),
+            Err(e) if explicit || a.coordinator.is_some() => {
+                return Err(e.context("start the coordinator with `swarm up`, or leave out --token/--coordinator to train on this machine"));
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let token = if let Some(t) = token {
+        t
     } else {
         let state = recipe.checkpoint.dir.join("coordinator");
         let logs = recipe.checkpoint.dir.join("logs");
         if show {
             eprintln!(
-                "no coordinator at {addr}: starting a local one with {} worker(s) (logs in {})",
+                "no coordinator answers: starting a local one with {} worker(s) (logs in {})",
                 a.nodes,
                 logs.display()
             );
         }
         let cluster = LocalCluster::start(a.nodes, &state, &logs)?;
-        let addr = cluster.addr.clone();
+        let token = cluster.admin.clone();
         local = Some(cluster);
-        addr
+        token
     };
-    let result = submit_and_follow(&addr, &recipe, a.nodes, a.resume, show, local.as_mut(), |_| {}).await;
+    let target = Target { token: &token, wait: a.wait };
+    let result = submit_and_follow(target, &recipe, a.nodes, a.resume, show, local.as_mut(), |_| {}).await;
     if let Some(mut l) = local {
         l.stop();
     }

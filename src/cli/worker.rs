@@ -1,18 +1,24 @@
 //! `swarm worker`: the worker daemon.
 
+use anyhow::Context;
 use clap::Args;
+use swarm_proto::trust::{Token, TokenKind};
 use swarm_worker::daemon::{self, WorkerOptions};
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// host:port of the coordinator (default: $SWARM_COORDINATOR or 127.0.0.1:7450).
+    /// The join token from the join command `swarm up` printed (`swarm token --join` on the
+    /// coordinator's machine prints it again).
+    #[arg(long, env = "SWARM_JOIN_TOKEN", hide_env_values = true)]
+    pub join: String,
+    /// host:port of the coordinator, instead of the addresses the token lists.
     #[arg(long)]
     pub coordinator: Option<String>,
     /// Name shown in `swarm status` (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Where peers connect for tensors (gradients, parameters).
-    #[arg(long, default_value = "0.0.0.0:0")]
+    /// Where peers connect for tensors (gradients, parameters); 7451 is the documented port.
+    #[arg(long, default_value = "0.0.0.0:7451")]
     pub data_listen: String,
     /// Host name or IP that peers should dial (default: the address used to reach the coordinator).
     #[arg(long)]
@@ -32,8 +38,12 @@ fn hostname() -> String {
 
 pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
     super::exit_with_parent(a.exit_with_parent);
+    let mut join = Token::decode_kind(&a.join, TokenKind::Join).context("--join")?;
+    if let Some(c) = a.coordinator {
+        join.addrs = vec![c];
+    }
     let opts = WorkerOptions {
-        coordinator: a.coordinator.unwrap_or_else(crate::default_coordinator),
+        join,
         name: a.name.unwrap_or_else(hostname),
         data_listen: a.data_listen,
         advertise_host: a.advertise_host,

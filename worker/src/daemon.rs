@@ -10,11 +10,10 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use swarm_proto::trust::{self, Secret, Token};
 use swarm_proto::v1 as pb;
-use swarm_proto::v1::coordinator_client::CoordinatorClient;
 use swarm_sharding::{Assignment, JobId, WorkerId};
 use tokio::sync::{Mutex, mpsc};
-use tonic::transport::Channel;
 use tracing::{Instrument, error, info, info_span, warn};
 
 /// Reports buffered between the training thread and the coordinator.
@@ -22,8 +21,8 @@ const REPORT_QUEUE: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
-    /// host:port of the coordinator.
-    pub coordinator: String,
+    /// The join token `swarm up` printed: where the coordinator is, its pinned CA, the secret.
+    pub join: Token,
     pub name: String,
     /// Where the data-plane listener binds (peers connect here).
     pub data_listen: String,
@@ -33,20 +32,7 @@ pub struct WorkerOptions {
     pub device: String,
 }
 
-type Client = CoordinatorClient<Channel>;
-
-pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("{addr} is not a host:port"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("no coordinator answers at {addr}"))?;
-    Ok(CoordinatorClient::new(channel)
-        .max_decoding_message_size(swarm_proto::limits::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(swarm_proto::limits::MAX_MESSAGE_BYTES))
-}
+type Client = swarm_proto::trust::Client;
 
 /// The local address this machine uses to reach `coordinator` (no packet is sent).
 fn local_ip_towards(coordinator: &str) -> Option<String> {
@@ -61,6 +47,29 @@ struct Running {
     aborter: Aborter,
 }
 
+/// Connects with the join token and registers; returns the client that presents this
+/// worker's own credential from now on, and its registration.
+async fn join(
+    opts: &WorkerOptions,
+    devices: &[swarm_sharding::DeviceInfo],
+    data_addr: &str,
+) -> anyhow::Result<(Client, pb::RegisterWorkerResponse)> {
+    let (channel, _) = trust::connect_channel(&opts.join.addrs, opts.join.pin).await?;
+    let reg = trust::client(channel.clone(), &opts.join.secret)
+        .register_worker(pb::RegisterWorkerRequest {
+            name: opts.name.clone(),
+            devices: devices.iter().map(proto_conv::device_to_proto).collect(),
+            data_addr: data_addr.to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the coordinator refused to register this worker: {}", e.message()))?
+        .into_inner();
+    let credential = Secret::from_hex(&reg.credential)
+        .context("the coordinator's registration carried no credential (an older coordinator?)")?;
+    Ok((trust::client(channel, &credential), reg))
+}
+
 pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // A bad --device fails now, not when the first job arrives.
     let device = crate::device::select(&opts.device)?;
@@ -69,7 +78,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let port = dp.local_addr().port();
     let host = match &opts.advertise_host {
         Some(h) => h.clone(),
-        None => local_ip_towards(&opts.coordinator).unwrap_or_else(|| "127.0.0.1".into()),
+        None => opts.join.addrs.iter().find_map(|a| local_ip_towards(a)).unwrap_or_else(|| "127.0.0.1".into()),
     };
     let data_addr = format!("{host}:{port}");
     let devices = tokio::task::spawn_blocking(crate::device::detect).await?;
@@ -77,42 +86,24 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         info!(kind = d.kind.as_str(), name = %d.name, tflops = d.measured_tflops, memory_gib = d.memory_bytes as f64 / (1u64 << 30) as f64, "device");
     }
     let running: Arc<Mutex<Option<Running>>> = Arc::default();
-    let mut waited = false;
+    let mut last_error = String::new();
     loop {
-        let mut client = match connect(&opts.coordinator).await {
-            Ok(c) => c,
+        let (client, reg) = match join(&opts, &devices, &data_addr).await {
+            Ok(r) => r,
             Err(e) => {
-                if !waited {
-                    warn!("{e:#}; retrying every 2 s");
-                    waited = true;
+                // Said once per distinct reason, not every 2 s.
+                let e = format!("{e:#}");
+                if e != last_error {
+                    warn!("{e}; retrying every 2 s");
+                    last_error = e;
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
             }
         };
-        waited = false;
-        let reg = match client
-            .register_worker(pb::RegisterWorkerRequest {
-                name: opts.name.clone(),
-                devices: devices.iter().map(proto_conv::device_to_proto).collect(),
-                data_addr: data_addr.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                warn!(
-                    "the coordinator at {} refused to register this worker: {}; retrying in 2 s",
-                    opts.coordinator,
-                    e.message()
-                );
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                continue;
-            }
-        };
+        last_error.clear();
         let worker = WorkerId(reg.worker_id);
-        info!(%worker, coordinator = %opts.coordinator, %data_addr, "registered");
+        info!(%worker, coordinator = ?opts.join.addrs, %data_addr, "registered");
         let session =
             serve(client, worker, reg.heartbeat_interval_ms, dp.clone(), running.clone(), opts.device.clone());
         if let Err(e) = session.instrument(info_span!("worker", %worker)).await {
@@ -155,9 +146,15 @@ async fn serve(
             match msg.kind {
                 Some(pb::assignment::Kind::Train(t)) => {
                     let (job, attempt) = (JobId(t.job_id), t.attempt);
-                    match proto_conv::assignment_from_proto(t) {
-                        Ok(a) => {
-                            start_job(client.clone(), worker, a, dp.clone(), running.clone(), device.clone()).await
+                    let secret = <[u8; 32]>::try_from(t.job_secret.as_slice()).map(Secret);
+                    match proto_conv::assignment_from_proto(t).and_then(|a| {
+                        secret
+                            .map(|s| (a, s))
+                            .map_err(|_| anyhow::anyhow!("the assignment's job_secret is not 32 bytes"))
+                    }) {
+                        Ok((a, secret)) => {
+                            let job = JobToRun { a, secret };
+                            start_job(client.clone(), worker, job, dp.clone(), running.clone(), device.clone()).await
                         }
                         Err(e) => {
                             let rank = (worker, 0, attempt);
@@ -206,14 +203,21 @@ async fn report_result(
     }
 }
 
+/// An assignment and the data-plane secret of its attempt.
+struct JobToRun {
+    a: Assignment,
+    secret: Secret,
+}
+
 async fn start_job(
     client: Client,
     worker: WorkerId,
-    a: Assignment,
+    job: JobToRun,
     dp: Arc<DataPlane>,
     running: Arc<Mutex<Option<Running>>>,
     device: String,
 ) {
+    let JobToRun { a, secret } = job;
     let mut slot = running.lock().await;
     if let Some(r) = slot.as_ref() {
         let msg = format!("{worker} is still running {}", r.job);
@@ -288,6 +292,8 @@ async fn start_job(
                 }
                 last
             });
+            // Peers holding this attempt's secret may connect while it trains.
+            let admission = dp.admit(a.job, a.attempt, secret);
             let ctx = TrainContext {
                 worker,
                 data_plane: dp,
@@ -300,6 +306,7 @@ async fn start_job(
             };
             let a3 = a.clone();
             let result = tokio::task::spawn_blocking(move || train::run(&a3, ctx)).await;
+            drop(admission);
             let last = reporter.await.unwrap_or(0);
             let reported = report_error.lock().expect("report error lock").take();
             let result = match (result, reported) {

@@ -2,24 +2,49 @@
 //! coordinator) and introduce themselves with a hello naming the job, attempt, their rank and
 //! the channel (which of several links between the same two ranks this is: the world ring, a
 //! stage's data-parallel ring, a pipeline link, ...).
-//! Connections wait in a bounded table until the training thread of that job claims them.
+//!
+//! Nobody gets a slot without proving they belong to the job. The coordinator gives every rank
+//! of a job attempt the same secret (over TLS, in the assignment); the worker admits that
+//! (job, attempt) here for as long as it trains it ([`DataPlane::admit`]). A connection then runs
+//! a mutual challenge before anything else:
+//! 1. the dialer sends its hello and a random nonce;
+//! 2. the listener, if it has admitted that (job, attempt), answers with its own nonce and
+//!    `mac(secret, "server", hello, both nonces)`; otherwise it closes at once;
+//! 3. the dialer checks that MAC (the listener holds the secret too) and sends
+//!    `mac(secret, "client", hello, both nonces)`;
+//! 4. the listener checks it and answers one byte: the connection now waits, bound to that
+//!    (job, attempt, rank, channel), in a bounded table until the job's training thread claims it.
+//!
+//! Anything else (another protocol, random bytes, a wrong secret, a job not running here, no
+//! answer within [`HANDSHAKE_TIMEOUT`]) is dropped without taking a slot. Handshakes run on
+//! threads of their own, at most [`MAX_HANDSHAKES`] at once, so slow strangers cannot stall the
+//! accept loop. The hello and the tensors that follow are not encrypted: the LAN sees them.
 
 use anyhow::{Context, bail};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use swarm_proto::trust::{Secret, ct_eq, mac};
 use swarm_sharding::{JobId, Rank};
 
-/// Connections accepted but not yet claimed; more are refused.
+/// Connections admitted but not yet claimed; more are refused.
 const MAX_PENDING: usize = 64;
-/// How long an accepted connection may wait to be claimed (a job's ranks connect within a
+/// Handshakes in progress at once; a connection beyond them is closed at once (a real peer
+/// dials again).
+pub const MAX_HANDSHAKES: usize = 32;
+/// How long a connection may take to complete the challenge.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an admitted connection may wait to be claimed (a job's ranks connect within a
 /// minute of each other: `Ring`'s and `Link`'s connect timeouts).
 const UNCLAIMED_TTL: Duration = Duration::from_secs(300);
 const HELLO_MAGIC: u32 = 0x5357_524d; // "SWRM"
-const HELLO_VERSION: u32 = 2;
+const HELLO_VERSION: u32 = 3;
 const HELLO_BYTES: usize = 32;
+const NONCE_BYTES: usize = 32;
+const ADMITTED: u8 = 0xA5;
 
 /// Who is on the other end of a data-plane connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,16 +77,42 @@ impl Hello {
     }
 }
 
+/// The two MACs of one handshake, over the same transcript.
+fn challenge_macs(secret: &Secret, hello: &[u8; HELLO_BYTES], dialer: &[u8], listener: &[u8]) -> ([u8; 32], [u8; 32]) {
+    let server = mac(secret, &[b"swarm data plane: listener", hello, dialer, listener]);
+    let client = mac(secret, &[b"swarm data plane: dialer", hello, dialer, listener]);
+    (server, client)
+}
+
 #[derive(Default)]
 struct Pending {
     /// Each with the time it arrived.
     conns: HashMap<Hello, (TcpStream, Instant)>,
 }
 
-/// The listener and the table of connections waiting to be claimed.
+type Admitted = Arc<Mutex<HashMap<(JobId, u64), Secret>>>;
+
+/// The listener, the secrets of the job attempts it admits, and the table of connections
+/// waiting to be claimed.
 pub struct DataPlane {
     addr: SocketAddr,
     pending: Arc<(Mutex<Pending>, Condvar)>,
+    admitted: Admitted,
+}
+
+/// While it lives, peers holding the job attempt's secret may connect ([`DataPlane::admit`]).
+pub struct Admission {
+    key: (JobId, u64),
+    admitted: Admitted,
+    pending: Arc<(Mutex<Pending>, Condvar)>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.admitted.lock().expect("admitted lock").remove(&self.key);
+        let mut p = self.pending.0.lock().expect("dataplane lock");
+        p.conns.retain(|h, _| (h.job, h.attempt) != self.key);
+    }
 }
 
 impl DataPlane {
@@ -69,38 +120,47 @@ impl DataPlane {
     pub fn bind(listen: &str) -> anyhow::Result<DataPlane> {
         let listener =
             TcpListener::bind(listen).with_context(|| format!("binding the data-plane listener on {listen}"))?;
-        let addr = listener.local_addr()?;
-        let pending: Arc<(Mutex<Pending>, Condvar)> = Arc::default();
-        let table = pending.clone();
+        let dp = DataPlane { addr: listener.local_addr()?, pending: Arc::default(), admitted: Arc::default() };
+        let (table, admitted) = (dp.pending.clone(), dp.admitted.clone());
+        let in_flight = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new().name("dataplane-accept".into()).spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut buf = [0u8; HELLO_BYTES];
-                let hello = conn.read_exact(&mut buf).map_err(anyhow::Error::from).and_then(|()| Hello::decode(&buf));
-                let Ok(hello) = hello else {
-                    tracing::warn!("refused a data-plane connection: bad hello");
-                    continue;
-                };
-                let _ = conn.set_read_timeout(None);
-                let (lock, cv) = &*table;
-                let mut p = lock.lock().expect("dataplane lock");
-                // A connection nobody claimed for this long belongs to a job that never started
-                // here (it failed while its ranks were connecting): drop it.
-                p.conns.retain(|_, (_, at)| at.elapsed() < UNCLAIMED_TTL);
-                if p.conns.len() >= MAX_PENDING {
-                    tracing::warn!(?hello, "refused a data-plane connection: too many unclaimed");
+                let Ok(conn) = conn else { continue };
+                if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(peer = ?conn.peer_addr().ok(), "refused a data-plane connection: {MAX_HANDSHAKES} handshakes already in progress");
                     continue;
                 }
-                p.conns.insert(hello, (conn, Instant::now()));
-                cv.notify_all();
+                let (table, admitted, in_flight) = (table.clone(), admitted.clone(), in_flight.clone());
+                let spawned = std::thread::Builder::new().name("dataplane-hello".into()).spawn(move || {
+                    let peer = conn.peer_addr().ok();
+                    match handshake(conn, &admitted) {
+                        Ok((hello, conn)) => {
+                            if let Err(e) = admit_connection(&table, hello, conn) {
+                                tracing::warn!(?peer, ?hello, "refused a data-plane connection: {e:#}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(?peer, "refused a data-plane connection: {e:#}"),
+                    }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    tracing::warn!("refused a data-plane connection: no thread for its handshake");
+                }
             }
         })?;
-        Ok(DataPlane { addr, pending })
+        Ok(dp)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Lets peers that hold `secret` connect for `job`'s `attempt` until the returned value is
+    /// dropped (which also drops that attempt's unclaimed connections).
+    pub fn admit(&self, job: JobId, attempt: u64, secret: Secret) -> Admission {
+        self.admitted.lock().expect("admitted lock").insert((job, attempt), secret);
+        Admission { key: (job, attempt), admitted: self.admitted.clone(), pending: self.pending.clone() }
     }
 
     /// Waits up to `timeout` for the peer described by `hello` to connect.
@@ -127,29 +187,97 @@ impl DataPlane {
             p = cv.wait_timeout(p, deadline - now).expect("dataplane lock").0;
         }
     }
-}
 
-/// Connects to a peer's data plane, retrying until `timeout` (the peer may still be starting).
-pub fn connect(addr: &str, hello: Hello, timeout: Duration) -> anyhow::Result<TcpStream> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(mut s) => {
-                s.set_nodelay(true)?;
-                s.write_all(&hello.encode())?;
-                return Ok(s);
+    /// Connects to a peer's data plane and proves this rank belongs to the job (the job
+    /// attempt must be admitted here). Retries until `timeout`: the peer may still be starting,
+    /// or not yet have been given the job.
+    pub fn connect(&self, addr: &str, hello: Hello, timeout: Duration) -> anyhow::Result<TcpStream> {
+        let secret = self.admitted.lock().expect("admitted lock").get(&(hello.job, hello.attempt)).copied();
+        let Some(secret) = secret else {
+            bail!("{} attempt {} is not admitted on this worker's data plane", hello.job, hello.attempt);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match dial(addr, hello, &secret) {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("connecting to {addr}: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to the data plane of a peer at {addr}")),
             }
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("connecting to {addr}: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e).with_context(|| format!("connecting to the data plane of a peer at {addr}")),
         }
     }
 }
 
+/// The dialer's side of the challenge.
+fn dial(addr: &str, hello: Hello, secret: &Secret) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let h = hello.encode();
+    let mine: [u8; NONCE_BYTES] = rand::random();
+    s.write_all(&[&h[..], &mine[..]].concat())?;
+    let mut answer = [0u8; NONCE_BYTES + 32];
+    s.read_exact(&mut answer).context("the peer closed the connection (it does not run this job yet)")?;
+    let (theirs, their_mac) = answer.split_at(NONCE_BYTES);
+    let (server, client) = challenge_macs(secret, &h, &mine, theirs);
+    if !ct_eq(&server, their_mac) {
+        bail!("the peer at {addr} does not hold {}'s secret: it is not the worker the coordinator assigned", hello.job);
+    }
+    s.write_all(&client)?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).context("the peer refused the connection after the challenge")?;
+    if ack[0] != ADMITTED {
+        bail!("the peer answered the challenge with {:#x}", ack[0]);
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// The listener's side of the challenge: the proven hello and the connection.
+fn handshake(mut conn: TcpStream, admitted: &Admitted) -> anyhow::Result<(Hello, TcpStream)> {
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut first = [0u8; HELLO_BYTES + NONCE_BYTES];
+    conn.read_exact(&mut first).context("no complete hello")?;
+    let h: [u8; HELLO_BYTES] = first[..HELLO_BYTES].try_into().expect("32 bytes");
+    let hello = Hello::decode(&h)?;
+    let secret = admitted.lock().expect("admitted lock").get(&(hello.job, hello.attempt)).copied();
+    let Some(secret) = secret else {
+        bail!("{} attempt {} does not run on this worker", hello.job, hello.attempt);
+    };
+    let mine: [u8; NONCE_BYTES] = rand::random();
+    let (server, client) = challenge_macs(&secret, &h, &first[HELLO_BYTES..], &mine);
+    conn.write_all(&[&mine[..], &server[..]].concat())?;
+    let mut proof = [0u8; 32];
+    conn.read_exact(&mut proof).context("no answer to the challenge")?;
+    if !ct_eq(&proof, &client) {
+        bail!("{hello:?} failed the job's challenge (a wrong secret)");
+    }
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(None)?;
+    Ok((hello, conn))
+}
+
+/// Puts a proven connection in the table (and tells the dialer), unless the table is full.
+fn admit_connection(table: &(Mutex<Pending>, Condvar), hello: Hello, mut conn: TcpStream) -> anyhow::Result<()> {
+    let (lock, cv) = table;
+    let mut p = lock.lock().expect("dataplane lock");
+    // A connection nobody claimed for this long belongs to a job that never started here (it
+    // failed while its ranks were connecting): drop it.
+    p.conns.retain(|_, (_, at)| at.elapsed() < UNCLAIMED_TTL);
+    if p.conns.len() >= MAX_PENDING {
+        bail!("{MAX_PENDING} proven connections are already waiting to be claimed");
+    }
+    conn.write_all(&[ADMITTED])?;
+    p.conns.insert(hello, (conn, Instant::now()));
+    cv.notify_all();
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -161,21 +289,61 @@ mod tests {
         assert!(Hello::decode(&bad).is_err());
     }
 
+    pub(crate) const TEST_SECRET: Secret = Secret([5; 32]);
+
     #[test]
     fn connections_are_matched_by_hello() {
         let dp = DataPlane::bind("127.0.0.1:0").unwrap();
+        let _admitted = dp.admit(JobId(1), 1, TEST_SECRET);
         let addr = dp.local_addr().to_string();
         let h1 = Hello { job: JobId(1), attempt: 1, from: Rank(1), channel: 0 };
         let h0 = Hello { job: JobId(1), attempt: 1, from: Rank(0), channel: 0 };
         // A second link from the same rank, on another channel.
         let h1b = Hello { channel: 2, ..h1 };
-        let _a = connect(&addr, h1, Duration::from_secs(5)).unwrap();
-        let _b = connect(&addr, h0, Duration::from_secs(5)).unwrap();
-        let _c = connect(&addr, h1b, Duration::from_secs(5)).unwrap();
+        let _a = dp.connect(&addr, h1, Duration::from_secs(5)).unwrap();
+        let _b = dp.connect(&addr, h0, Duration::from_secs(5)).unwrap();
+        let _c = dp.connect(&addr, h1b, Duration::from_secs(5)).unwrap();
         dp.accept_from(h0, Duration::from_secs(5)).unwrap();
         dp.accept_from(h1b, Duration::from_secs(5)).unwrap();
         dp.accept_from(h1, Duration::from_secs(5)).unwrap();
         let e = dp.accept_from(h1, Duration::from_millis(50)).unwrap_err();
         assert!(e.to_string().contains("rank1 of job-1 did not connect (channel 0)"), "{e}");
+    }
+
+    /// Strangers never get a slot: a wrong secret is refused on both sides, a job that does
+    /// not run here is closed at once, and 200 connections of garbage or silence leave room
+    /// for the real peer, who is admitted within a second.
+    #[test]
+    fn strangers_are_refused_and_the_real_peer_still_gets_in() {
+        let listener = DataPlane::bind("127.0.0.1:0").unwrap();
+        let _a = listener.admit(JobId(3), 1, TEST_SECRET);
+        let addr = listener.local_addr().to_string();
+        let hello = Hello { job: JobId(3), attempt: 1, from: Rank(1), channel: 0 };
+        let impostor = DataPlane::bind("127.0.0.1:0").unwrap();
+        let _b = impostor.admit(JobId(3), 1, Secret([6; 32]));
+        let e = impostor.connect(&addr, hello, Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{e:#}").contains("does not hold job-3's secret"), "{e:#}");
+        // A listener that does not run the job closes the connection before any challenge.
+        let _c = impostor.admit(JobId(4), 1, TEST_SECRET);
+        let e = impostor.connect(&addr, Hello { job: JobId(4), ..hello }, Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{e:#}").contains("does not run this job"), "{e:#}");
+
+        let mut strangers = Vec::new();
+        for i in 0..200u32 {
+            let Ok(mut s) = TcpStream::connect(&addr) else { continue };
+            if i % 2 == 0 {
+                let junk: Vec<u8> = (0..64).map(|j| (i as u8).wrapping_mul(31).wrapping_add(j)).collect();
+                let _ = s.write_all(&junk);
+            }
+            strangers.push(s); // the odd ones say nothing and wait
+        }
+        let dialer = DataPlane::bind("127.0.0.1:0").unwrap();
+        let _d = dialer.admit(JobId(3), 1, TEST_SECRET);
+        let t = Instant::now();
+        let _conn = dialer.connect(&addr, hello, Duration::from_secs(20)).unwrap();
+        listener.accept_from(hello, Duration::from_secs(1)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(HANDSHAKE_TIMEOUT.as_secs() + 2), "{:?}", t.elapsed());
+        // Nothing the strangers sent took a slot.
+        assert!(listener.pending.0.lock().unwrap().conns.is_empty());
     }
 }

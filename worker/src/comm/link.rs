@@ -12,7 +12,7 @@
 //! stages each writing a message larger than the socket buffers would wait on each other
 //! forever. The queue bounds the memory a slow receiver can make a sender hold.
 
-use super::dataplane::{DataPlane, Hello, connect};
+use super::dataplane::{DataPlane, Hello};
 use super::ring::Aborter;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -64,7 +64,7 @@ impl Link {
         aborter: &Aborter,
     ) -> anyhow::Result<Link> {
         let stream = if me.0 < peer.rank.0 {
-            connect(&peer.data_addr, Hello { job, attempt, from: me, channel }, CONNECT_TIMEOUT)
+            dp.connect(&peer.data_addr, Hello { job, attempt, from: me, channel }, CONNECT_TIMEOUT)
         } else {
             dp.accept_from(Hello { job, attempt, from: peer.rank, channel }, CONNECT_TIMEOUT)
         }
@@ -172,6 +172,7 @@ fn message(wire: u8, n: usize, payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::dataplane::tests::TEST_SECRET;
     use swarm_sharding::WorkerId;
 
     /// Both ends send a message far larger than the socket buffers before either receives:
@@ -179,6 +180,7 @@ mod tests {
     #[test]
     fn crossing_large_messages_do_not_deadlock() {
         let planes: Vec<DataPlane> = (0..2).map(|_| DataPlane::bind("127.0.0.1:0").unwrap()).collect();
+        let _admitted: Vec<_> = planes.iter().map(|dp| dp.admit(JobId(1), 1, TEST_SECRET)).collect();
         let peers: Vec<Peer> = planes
             .iter()
             .enumerate()

@@ -5,7 +5,7 @@
 //! Chunk `i` of a buffer is `shard_range(len, n, i)`, the same ranges ZeRO uses for ownership,
 //! so after `reduce_scatter` rank `r` holds the sum of exactly the chunk whose optimizer state it owns.
 
-use super::dataplane::{DataPlane, Hello, connect};
+use super::dataplane::{DataPlane, Hello};
 use anyhow::{Context, bail};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -99,7 +99,8 @@ impl Ring {
         if world == 1 {
             return Ok(ring);
         }
-        let next = connect(&next_p.data_addr, Hello { job, attempt, from: rank, channel }, CONNECT_TIMEOUT)
+        let next = dp
+            .connect(&next_p.data_addr, Hello { job, attempt, from: rank, channel }, CONNECT_TIMEOUT)
             .with_context(|| format!("connecting to {}", ring.next_peer))?;
         let prev = dp
             .accept_from(Hello { job, attempt, from: prev_p.rank, channel }, CONNECT_TIMEOUT)
@@ -287,6 +288,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::dataplane::tests::TEST_SECRET;
     use swarm_sharding::WorkerId;
 
     /// Per rank: its reduced chunk, the all-gathered buffer, the small all-reduce, bytes sent.
@@ -294,6 +296,7 @@ mod tests {
 
     fn run_group(world: usize, len: usize) -> Vec<RankResult> {
         let planes: Vec<DataPlane> = (0..world).map(|_| DataPlane::bind("127.0.0.1:0").unwrap()).collect();
+        let _admitted: Vec<_> = planes.iter().map(|dp| dp.admit(JobId(1), 1, TEST_SECRET)).collect();
         let peers: Vec<Peer> = planes
             .iter()
             .enumerate()
@@ -328,6 +331,7 @@ mod tests {
     #[test]
     fn gather_to_first_delivers_every_range_to_rank_0_only() {
         let planes: Vec<DataPlane> = (0..3).map(|_| DataPlane::bind("127.0.0.1:0").unwrap()).collect();
+        let _admitted: Vec<_> = planes.iter().map(|dp| dp.admit(JobId(1), 1, TEST_SECRET)).collect();
         let peers: Vec<Peer> = planes
             .iter()
             .enumerate()
