@@ -206,6 +206,29 @@ fn guard_existing_checkpoints(recipe: &Recipe, a: &TrainArgs) -> anyhow::Result<
     Ok(())
 }
 
+/// The admin token of a coordinator that answers, or `None` to train on a local cluster: with
+/// `--local`, or when only this machine's own token was found and nothing answers at it. A
+/// token or address the user gave that does not answer is an error, as is `--coordinator`
+/// without any admin token.
+async fn find_coordinator(a: &TrainArgs) -> anyhow::Result<Option<Token>> {
+    if a.local {
+        return Ok(None);
+    }
+    let Some((token, explicit)) = super::auth::admin_token(a.token.as_deref(), a.coordinator.as_deref())? else {
+        if a.coordinator.is_some() {
+            super::auth::require_admin_token(None, None)?;
+        }
+        return Ok(None);
+    };
+    match super::auth::admin_client(&token).await {
+        Ok(_) => Ok(Some(token)),
+        Err(e) if explicit || a.coordinator.is_some() => Err(e.context(
+            "start the coordinator with `swarm up`, or leave out --token/--coordinator to train on this machine",
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut recipe = super::recipe::load(&a.recipe)?;
     recipe.check_supported_by_executor().map_err(|e| anyhow::anyhow!("recipe {}: {e}", a.recipe.display()))?;
@@ -218,21 +241,8 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
     super::recipe::ensure_dataset(&recipe, &a.recipe, show)?;
     super::recipe::resolve(&mut recipe, &a.recipe)?;
 
-    let found = if a.local { None } else { super::auth::admin_token(a.token.as_deref(), a.coordinator.as_deref())? };
-    if found.is_none() && a.coordinator.is_some() {
-        super::auth::require_admin_token(None, None)?;
-    }
     let mut local = None;
-    let token = match found {
-        Some((token, explicit)) => match super::auth::admin_client(&token).await {
-            Ok(_) => Some(token),
-            Err(e) if explicit || a.coordinator.is_some() => {
-                return Err(e.context("start the coordinator with `swarm up`, or leave out --token/--coordinator to train on this machine"));
-            }
-            Err(_) => None,
-        },
-        None => None,
-    };
+    let token = find_coordinator(&a).await?;
     let token = if let Some(t) = token {
         t
     } else {
