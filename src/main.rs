@@ -33,6 +33,11 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Check this machine: CPU, GPUs, CUDA libraries, a kernel launch, NCCL.
     Doctor(cli::doctor::DoctorArgs),
+    /// Committed checkpoints, which live on the workers that wrote and copied them.
+    Checkpoint {
+        #[command(subcommand)]
+        command: cli::checkpoint::CheckpointCommand,
+    },
     /// Prepare datasets.
     Data {
         #[command(subcommand)]
@@ -78,6 +83,7 @@ fn main() -> std::process::ExitCode {
             | Command::Doctor(_)
             | Command::Plan(_)
             | Command::Data { .. }
+            | Command::Checkpoint { .. }
             | Command::Bench { .. }
     );
     cli::init_tracing(if quiet_default { "warn" } else { "info" });
@@ -99,6 +105,7 @@ fn main() -> std::process::ExitCode {
             Command::Eval(a) => cli::eval::run(a).await,
             Command::Doctor(a) => cli::doctor::run(a).await,
             Command::Data { command: DataCommand::Prepare(a) } => cli::data::run(a).await,
+            Command::Checkpoint { command } => cli::checkpoint::run(command).await,
             Command::Bench { command: BenchCommand::Train(a) } => cli::bench::run(a).await,
             Command::Bench { command: BenchCommand::Kernels(a) } => cli::bench_kernels::run(a),
         }

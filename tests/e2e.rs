@@ -89,11 +89,18 @@ fn recipe_steps(name: &str, extra_train: &str, steps: u64) -> PathBuf {
 }
 
 fn train_json(recipe: &Path, nodes: usize, resume: bool) -> Value {
+    train_json_with(recipe, nodes, if resume { &["--resume"] } else { &[] })
+}
+
+/// Continues `recipe` from the checkpoint in `dir` on this machine.
+fn train_json_from(recipe: &Path, nodes: usize, dir: &Path) -> Value {
+    train_json_with(recipe, nodes, &["--resume-from", dir.to_str().unwrap()])
+}
+
+fn train_json_with(recipe: &Path, nodes: usize, extra: &[&str]) -> Value {
     let n = nodes.to_string();
     let mut args = vec!["train", "--local", "--json", "--nodes", &n, "--recipe", recipe.to_str().unwrap()];
-    if resume {
-        args.push("--resume");
-    }
+    args.extend(extra);
     let o = swarm(&args);
     assert!(o.status.success(), "{}", text(&o));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
@@ -275,7 +282,7 @@ fn zero3_trains_the_same_model_as_one() {
     let r = scratch().join("zero3/recipe.yaml");
     let as_z2 = r.with_file_name("as-zero2.yaml");
     std::fs::write(&as_z2, std::fs::read_to_string(&r).unwrap().replace("zero_stage: 3", "zero_stage: 2")).unwrap();
-    let resumed = train_json(&as_z2, 2, true);
+    let resumed = train_json_from(&as_z2, 2, &z3.0.join("step-000010"));
     assert_eq!(resumed["start_step"], 10);
     assert!(
         read_params(&z3.0.join(&last)) == read_params(&z2.0.join(&last)),
@@ -333,7 +340,7 @@ fn two_pipeline_stages_train_the_same_model_as_one_worker() {
     }
     let one = r.with_file_name("one-worker.yaml");
     std::fs::write(&one, std::fs::read_to_string(&r).unwrap().replace("pipeline_stages: 2, ", "")).unwrap();
-    let resumed = train_json(&one, 1, true);
+    let resumed = train_json_from(&one, 1, &pp.0.join("step-000010"));
     assert_eq!(resumed["start_step"], 10);
     assert_eq!(losses(&resumed), losses(&mb2.1)[10..], "2 stages resumed at step 10 on 1 worker: losses");
     let last = format!("step-{STEPS:06}/model.safetensors");
@@ -392,7 +399,7 @@ fn two_stages_times_two_replicas_train_the_same_model_as_one_worker() {
     for s in [15, 20] {
         std::fs::remove_dir_all(ppdp.0.join(format!("step-{s:06}"))).unwrap();
     }
-    let resumed = train_json(&scratch().join("tied-pp2-dp2/recipe.yaml"), 4, true);
+    let resumed = train_json_from(&scratch().join("tied-pp2-dp2/recipe.yaml"), 4, &ppdp.0.join("step-000010"));
     assert_eq!(resumed["start_step"], 10);
     assert_eq!(losses(&resumed), losses(&ppdp.1)[10..], "tied 2 stages x 2 replicas resumed at step 10: losses");
     assert!(read_params(&ppdp.0.join(&last)) == uninterrupted, "tied 2 stages x 2 replicas resumed: parameters differ");
@@ -559,7 +566,8 @@ fn token(state: &Path, kind: &str) -> String {
 fn start_worker(state: &Path, addr: &str, name: &str) -> std::process::Child {
     Command::new(BIN)
         .args(["worker", "--join", &token(state, "join"), "--coordinator", addr, "--name", name])
-        .args(["--data-listen", "127.0.0.1:0"])
+        .args(["--data-listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state.join(format!("worker-{name}")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -706,7 +714,7 @@ fn resume_on_another_worker_count_reshards_the_optimizer_state() {
             let f = f.unwrap().path();
             std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
         }
-        let v = train_json(&r, nodes, true);
+        let v = train_json_from(&r, nodes, &dst);
         assert_eq!(v["start_step"], STEPS, "{v}");
         runs.push(losses(&v));
     }

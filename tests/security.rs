@@ -112,7 +112,9 @@ async fn strangers_are_refused_and_the_running_job_is_untouched() {
                     name,
                     "--data-listen",
                     "127.0.0.1:0",
+                    "--state-dir",
                 ])
+                .arg(dir.join(format!("worker-{name}")))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -150,7 +152,7 @@ async fn strangers_are_refused_and_the_running_job_is_untouched() {
     let join_secret = Token::decode(&join).unwrap().secret;
     for secret in [Secret::random(), join_secret] {
         let mut c = trust::client(ch.clone(), &secret);
-        let submit = pb::SubmitJobRequest { recipe_json: "{}".into(), nodes: 1, resume: false };
+        let submit = pb::SubmitJobRequest { recipe_json: "{}".into(), nodes: 1, ..Default::default() };
         assert_refused(c.submit_job(submit).await, Code::Unauthenticated, "submit with a wrong token");
         let cancel = pb::CancelJobRequest { job_id: job, reason: "x".into() };
         assert_refused(c.cancel_job(cancel).await, Code::Unauthenticated, "cancel with a wrong token");

@@ -34,6 +34,12 @@ impl Secrets {
     pub fn job_secret(&self, job: JobId, attempt: u64) -> Secret {
         Secret(mac(&self.cluster, &[b"swarm job data-plane secret", &job.0.to_le_bytes(), &attempt.to_le_bytes()]))
     }
+
+    /// The secret that lets members fetch files from each other's data planes: every worker
+    /// (given at registration) and admin clients (`ContentAccess`).
+    pub fn fetch_secret(&self) -> Secret {
+        Secret(mac(&self.cluster, &[b"swarm cluster fetch secret"]))
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use swarm_sharding::{JobId, Rank, RankCheckpoint, Recipe, ResumePoint, Step, WorkerId};
+use swarm_sharding::{Holder, Inputs, JobId, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step, WorkerId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +71,9 @@ pub struct Job {
     /// Committed checkpoints of this job, oldest first.
     pub committed: Vec<ResumePoint>,
     pub submitted_unix_ms: u64,
+    /// The dataset and model the workers fetch, and the submitter's data plane.
+    #[serde(default)]
+    pub inputs: Inputs,
     #[serde(skip)]
     pub progress: Progress,
 }
@@ -103,6 +106,8 @@ pub struct CheckpointAgg {
     pub dir: String,
     pub data_cursor: u64,
     pub ranks: BTreeMap<Rank, RankCheckpoint>,
+    /// Copies reported so far: of which rank, on which host, which files.
+    pub replicas: Vec<(Rank, Holder, Vec<ShardFile>)>,
 }
 
 #[derive(Clone, Debug)]

@@ -6,7 +6,8 @@
 use crate::job::{CheckpointAgg, Job, JobState, Progress, RankResult, StepAgg};
 use std::collections::BTreeMap;
 use swarm_sharding::{
-    Assignment, DeviceInfo, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint, ShardFile, Step, WorkerId,
+    Assignment, DeviceInfo, Holder, Inputs, JobId, Manifest, Peer, Rank, RankCheckpoint, Recipe, ResumePoint,
+    ShardFile, Step, WorkerId,
 };
 
 /// How long a rank's failure in a group waits for a lost worker to explain it (ms): a killed
@@ -77,6 +78,8 @@ pub struct CheckpointReport {
     pub files: Vec<ShardFile>,
     pub rng_state: String,
     pub data_cursor: u64,
+    /// Other ranks' files this worker copied into the same directory.
+    pub replicas: Vec<(Rank, Vec<ShardFile>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -97,9 +100,11 @@ pub enum Event {
         recipe: Box<Recipe>,
         nodes: usize,
         resume: Option<ResumePoint>,
+        /// What the workers fetch; `sources` lists the submitter's data plane.
+        inputs: Box<Inputs>,
     },
     StepDone(StepReport),
-    CheckpointWritten(CheckpointReport),
+    CheckpointWritten(Box<CheckpointReport>),
     /// The shell wrote the manifest (temporary name, then rename).
     CheckpointCommitted {
         job: JobId,
@@ -155,8 +160,9 @@ pub enum Command {
         job: JobId,
         reason: String,
     },
-    /// Write `manifest` as `<dir>/manifest.json` atomically, then feed back
-    /// `CheckpointCommitted` or `CheckpointCommitFailed`.
+    /// Record `manifest` (the coordinator's own copy, in its data directory; `dir` is the step
+    /// directory on the workers), then feed back `CheckpointCommitted` with where it is, or
+    /// `CheckpointCommitFailed`.
     CommitCheckpoint {
         dir: String,
         manifest: Box<Manifest>,
@@ -309,15 +315,15 @@ impl Coordinator {
                 self.start_waiting_jobs(&mut cmds);
                 Reply::Done
             }
-            Event::Submit { recipe, nodes, resume } => {
-                let id = self.submit(now_ms, *recipe, nodes, resume)?;
+            Event::Submit { recipe, nodes, resume, inputs } => {
+                let id = self.submit(now_ms, *recipe, nodes, resume, *inputs)?;
                 cmds.push(Command::SaveJob(id));
                 cmds.push(Command::JobChanged(id));
                 self.start_waiting_jobs(&mut cmds);
                 Reply::Submitted(id)
             }
             Event::StepDone(r) => self.step_done(now_ms, r, &mut cmds)?,
-            Event::CheckpointWritten(r) => self.checkpoint_written(now_ms, r, &mut cmds)?,
+            Event::CheckpointWritten(r) => self.checkpoint_written(now_ms, *r, &mut cmds)?,
             Event::CheckpointCommitted { job, step, dir } => {
                 let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
                 j.progress.commit_in_flight.remove(&step);
@@ -386,7 +392,17 @@ impl Coordinator {
         recipe: Recipe,
         nodes: usize,
         resume: Option<ResumePoint>,
+        inputs: Inputs,
     ) -> Result<JobId, Rejection> {
+        inputs.dataset.validate("inputs.dataset").map_err(Rejection::Invalid)?;
+        if let Some(m) = &inputs.model {
+            m.validate("inputs.model").map_err(Rejection::Invalid)?;
+        }
+        if inputs.model.is_some() != recipe.model.hf_dir.is_some() {
+            return Err(Rejection::Invalid(
+                "inputs.model: a job carries the model's files exactly when its recipe sets model.hf_dir".into(),
+            ));
+        }
         recipe.validate().map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
         recipe.check_supported_by_executor().map_err(|e| Rejection::Invalid(format!("recipe: {e}")))?;
         if recipe.spec().is_none() {
@@ -431,6 +447,7 @@ impl Coordinator {
                 losses: Vec::new(),
                 committed: Vec::new(),
                 submitted_unix_ms: now_ms,
+                inputs,
                 progress: Progress::default(),
             },
         );
@@ -477,6 +494,9 @@ impl Coordinator {
             job.attempt += 1;
             job.workers = chosen.clone();
             job.progress = Progress::default();
+            // The submitter serves the inputs; the job's workers serve what they already hold.
+            let mut inputs = job.inputs.clone();
+            inputs.sources.extend(peers.iter().map(|p| p.data_addr.clone()));
             for (r, w) in chosen.iter().enumerate() {
                 self.workers.get_mut(w).expect("idle worker").job = Some(id);
                 cmds.push(Command::Assign {
@@ -490,6 +510,8 @@ impl Coordinator {
                         resume: job.resume.clone(),
                         share: shares[r],
                         attempt: job.attempt,
+                        inputs: inputs.clone(),
+                        resume_manifest: None,
                     }),
                 });
             }
@@ -600,15 +622,25 @@ impl Coordinator {
         r: CheckpointReport,
         cmds: &mut Vec<Command>,
     ) -> Result<Reply, Rejection> {
+        let holder = self.workers.get(&r.worker).map(|w| Holder {
+            worker: w.name.clone(),
+            data_addr: w.data_addr.clone(),
+            dir: r.dir.clone(),
+        });
         let j = self.step_report_target(r.job, r.worker, r.rank, r.attempt, r.step)?;
         if j.state != JobState::Running {
             return Ok(Reply::Ack { cancel: Some(format!("{} is {}", j.id, j.state.as_str())) });
         }
+        let holder = holder.ok_or(Rejection::UnknownWorker(r.worker))?;
         let world = j.workers.len();
+        if r.replicas.iter().any(|(of, _)| of.0 as usize >= world || *of == r.rank) {
+            return Err(Rejection::Invalid(format!("{} reported replicas of ranks outside {}", r.rank, j.id)));
+        }
         let agg = j.progress.checkpoints.entry(r.step).or_insert_with(|| CheckpointAgg {
             dir: r.dir.clone(),
             data_cursor: r.data_cursor,
             ranks: BTreeMap::new(),
+            replicas: Vec::new(),
         });
         if agg.dir != r.dir || agg.data_cursor != r.data_cursor {
             let reason = format!(
@@ -619,25 +651,44 @@ impl Coordinator {
             self.fail_job(id, reason.clone(), cmds);
             return Ok(Reply::Ack { cancel: Some(reason) });
         }
-        agg.ranks
-            .insert(r.rank, RankCheckpoint { rank: r.rank, worker: r.worker, files: r.files, rng_state: r.rng_state });
-        if agg.ranks.len() == world {
-            let agg = j.progress.checkpoints.remove(&r.step).expect("present");
-            j.progress.commit_in_flight.insert(r.step);
-            let manifest = Manifest {
-                format: Manifest::FORMAT,
-                job: j.id,
-                name: j.recipe.name.clone(),
-                step: r.step,
-                world_size: world as u32,
-                data_cursor: agg.data_cursor,
-                loss: j.loss,
-                recipe: j.recipe.clone(),
-                ranks: agg.ranks.into_values().collect(),
-                committed_unix_ms: now_ms,
-            };
-            cmds.push(Command::CommitCheckpoint { dir: agg.dir, manifest: Box::new(manifest) });
+        for (of, files) in r.replicas {
+            agg.replicas.push((of, holder.clone(), files));
         }
+        let own = RankCheckpoint {
+            rank: r.rank,
+            worker: r.worker,
+            files: r.files,
+            rng_state: r.rng_state,
+            holders: vec![holder],
+        };
+        agg.ranks.insert(r.rank, own);
+        if agg.ranks.len() < world {
+            return Ok(Reply::Ack { cancel: None });
+        }
+        let agg = j.progress.checkpoints.remove(&r.step).expect("present");
+        let want = j.recipe.checkpoint.replicas_for(world);
+        let ranks = match with_replicas(agg.ranks, agg.replicas, want) {
+            Ok(ranks) => ranks,
+            Err(reason) => {
+                let (id, reason) = (j.id, format!("the checkpoint of {}: {reason}", r.step));
+                self.fail_job(id, reason.clone(), cmds);
+                return Ok(Reply::Ack { cancel: Some(reason) });
+            }
+        };
+        j.progress.commit_in_flight.insert(r.step);
+        let manifest = Manifest {
+            format: Manifest::FORMAT,
+            job: j.id,
+            name: j.recipe.name.clone(),
+            step: r.step,
+            world_size: world as u32,
+            data_cursor: agg.data_cursor,
+            loss: j.loss,
+            recipe: j.recipe.clone(),
+            ranks,
+            committed_unix_ms: now_ms,
+        };
+        cmds.push(Command::CommitCheckpoint { dir: agg.dir, manifest: Box::new(manifest) });
         Ok(Reply::Ack { cancel: None })
     }
 
@@ -723,4 +774,34 @@ impl Coordinator {
 /// does not depend on generated types).
 mod swarm_proto_limits {
     pub const MAX_WORLD_SIZE: usize = swarm_proto::limits::MAX_WORLD_SIZE;
+}
+
+/// Every rank's checkpoint with the hosts that hold it: its writer, then each worker that
+/// reported a copy with the same files (path, size, sha256). Fewer than `want` holders for any
+/// rank, or a copy that differs, is an error.
+fn with_replicas(
+    ranks: BTreeMap<Rank, RankCheckpoint>,
+    replicas: Vec<(Rank, Holder, Vec<ShardFile>)>,
+    want: usize,
+) -> Result<Vec<RankCheckpoint>, String> {
+    let mut ranks = ranks;
+    for (of, holder, files) in replicas {
+        let rc = ranks.get_mut(&of).ok_or_else(|| format!("a replica of {of}, which wrote nothing"))?;
+        if files != rc.files {
+            return Err(format!("the copy of {of}'s files on {} differs from what {of} wrote", holder.worker));
+        }
+        if !rc.holders.iter().any(|h| h.worker == holder.worker) {
+            rc.holders.push(holder);
+        }
+    }
+    for rc in ranks.values() {
+        if rc.holders.len() < want {
+            return Err(format!(
+                "{}'s files are on {} host(s), checkpoint.replicas asks for {want}",
+                rc.rank,
+                rc.holders.len()
+            ));
+        }
+    }
+    Ok(ranks.into_values().collect())
 }

@@ -8,14 +8,15 @@ use crate::machine::{Command, Config, Coordinator, Event, Reply};
 use crate::store::Store;
 use crate::to_proto::{self, status};
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use swarm_proto::trust::{Secret, bearer_of};
 use swarm_proto::v1 as pb;
 use swarm_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
-use swarm_sharding::{JobId, Rank, Recipe, Step, WorkerId};
+use swarm_sharding::job::step_dir_name;
+use swarm_sharding::{JobId, Manifest, Rank, Recipe, Step, WorkerId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -44,6 +45,9 @@ struct Shared {
     secrets: Secrets,
     /// Each registered worker's credential: its requests must present it.
     credentials: Mutex<HashMap<WorkerId, Secret>>,
+    /// `<data dir>/checkpoints`: the manifests of committed checkpoints, by recipe name (the
+    /// shards stay on the workers that wrote and copied them).
+    checkpoints: PathBuf,
 }
 
 /// The coordinator service. Cheap to clone.
@@ -69,6 +73,7 @@ impl Service {
                 next_generation: Mutex::new(0),
                 secrets,
                 credentials: Mutex::new(HashMap::new()),
+                checkpoints: data_dir.join("checkpoints"),
             }),
         };
         {
@@ -111,8 +116,14 @@ impl Service {
         let mut queue: VecDeque<Command> = cmds.into();
         while let Some(cmd) = queue.pop_front() {
             let follow_up = match cmd {
-                Command::Assign { worker, assignment } => {
+                Command::Assign { worker, mut assignment } => {
                     info!(job = %assignment.job, %worker, rank = %assignment.rank, "assigning");
+                    if let Some(rp) = &assignment.resume {
+                        match read_manifest(Path::new(&rp.dir)) {
+                            Ok(manifest) => assignment.resume_manifest = Some(Box::new(with_live_holders(m, manifest))),
+                            Err(e) => warn!(job = %assignment.job, "the checkpoint to resume from: {e:#}"),
+                        }
+                    }
                     let secret = self.shared.secrets.job_secret(assignment.job, assignment.attempt);
                     self.send(worker, to_proto::assignment_to_proto(&assignment, &secret)).err()
                 }
@@ -120,10 +131,12 @@ impl Service {
                     let _ = self.send(worker, to_proto::cancel_to_proto(job, &reason));
                     None
                 }
-                Command::CommitCheckpoint { dir, manifest } => {
+                Command::CommitCheckpoint { dir: _, manifest } => {
                     let (job, step) = (manifest.job, manifest.step);
-                    Some(match checkpoint::commit(Path::new(&dir), &manifest) {
+                    let dir = self.shared.checkpoints.join(&manifest.name).join(step_dir_name(step));
+                    Some(match checkpoint::commit(&dir, &manifest) {
                         Ok(()) => {
+                            let dir = dir.display().to_string();
                             info!(%job, %step, %dir, "checkpoint committed");
                             Event::CheckpointCommitted { job, step, dir }
                         }
@@ -174,6 +187,38 @@ impl Service {
             Some(s) if s.tx.try_send(Ok(msg)).is_ok() => Ok(()),
             _ => Err(Event::Disconnected(worker)),
         }
+    }
+
+    fn submit(
+        &self,
+        recipe: Recipe,
+        nodes: usize,
+        resume: Option<swarm_sharding::ResumePoint>,
+        inputs: swarm_sharding::Inputs,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        match self.apply(Event::Submit { recipe: Box::new(recipe), nodes, resume, inputs: Box::new(inputs) })? {
+            Reply::Submitted(job) => {
+                info!(%job, "job submitted");
+                Ok(Response::new(pb::SubmitJobResponse { job_id: job.0 }))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Records a checkpoint the submitter holds (`--resume-from`) as the resume point of a job
+    /// of the recipe whose checkpoints are under `root`. This recipe's committed checkpoints
+    /// after its step belong to a run that is now being redone: they are forgotten.
+    fn import_checkpoint(&self, root: &Path, m: Manifest) -> Result<swarm_sharding::ResumePoint, Status> {
+        let internal = |e: anyhow::Error| Status::internal(format!("{e:#}"));
+        while let Some(p) = checkpoint::latest_committed(root).map_err(internal)?
+            && p.step > m.step
+        {
+            info!(dir = %p.dir, "forgetting a committed checkpoint after the one the job continues from");
+            checkpoint::prune(Path::new(&p.dir)).map_err(internal)?;
+        }
+        let dir = root.join("imported").join(step_dir_name(m.step));
+        checkpoint::commit(&dir, &m).map_err(internal)?;
+        Ok(swarm_sharding::ResumePoint { dir: dir.display().to_string(), step: m.step })
     }
 
     /// Requests that submit, follow, cancel or list jobs must present the admin secret.
@@ -302,6 +347,7 @@ impl CoordinatorRpc for Service {
                     lease_ms,
                     heartbeat_interval_ms,
                     credential: credential.to_hex(),
+                    fetch_secret: self.shared.secrets.fetch_secret().0.to_vec(),
                 }))
             }
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
@@ -357,7 +403,7 @@ impl CoordinatorRpc for Service {
     ) -> Result<Response<pb::CheckpointReportResponse>, Status> {
         self.require_worker(&req, WorkerId(req.get_ref().worker_id), "ReportCheckpoint")?;
         let r = to_proto::checkpoint_from_proto(req.into_inner())?;
-        match self.apply(Event::CheckpointWritten(r))? {
+        match self.apply(Event::CheckpointWritten(Box::new(r)))? {
             Reply::Ack { cancel } => Ok(Response::new(pb::CheckpointReportResponse { accepted: cancel.is_none() })),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
@@ -394,25 +440,41 @@ impl CoordinatorRpc for Service {
         }
         let recipe: Recipe =
             serde_json::from_str(&r.recipe_json).map_err(|e| Status::invalid_argument(format!("recipe: {e}")))?;
-        let resume = if r.resume {
-            let found = checkpoint::latest_committed(&recipe.checkpoint.dir)
-                .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
-            Some(found.ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "--resume: no committed checkpoint under {}; run without --resume to start fresh",
-                    recipe.checkpoint.dir.display()
-                ))
-            })?)
-        } else {
-            None
-        };
-        match self.apply(Event::Submit { recipe: Box::new(recipe), nodes: r.nodes as usize, resume })? {
-            Reply::Submitted(job) => {
-                info!(%job, "job submitted");
-                Ok(Response::new(pb::SubmitJobResponse { job_id: job.0 }))
-            }
-            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        // Its name names a directory here: checked before it is used as one.
+        recipe.validate().map_err(|e| Status::invalid_argument(format!("recipe: {e}")))?;
+        let inputs = to_proto::inputs_from_proto(r.inputs)?;
+        let root = self.shared.checkpoints.join(&recipe.name);
+        let latest = checkpoint::latest_committed(&root).map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        if !r.resume_from_json.is_empty() {
+            let m = to_proto::manifest_from_submitter(&r.resume_from_json)?;
+            let resume = self.import_checkpoint(&root, m)?;
+            return self.submit(recipe, r.nodes as usize, Some(resume), inputs);
         }
+        let resume = match (r.resume, latest) {
+            (true, Some(p)) => Some(p),
+            (true, None) => {
+                return Err(Status::failed_precondition(format!(
+                    "--resume: this coordinator holds no committed checkpoint of {:?}; run without --resume to start fresh",
+                    recipe.name
+                )));
+            }
+            (false, Some(p)) if !r.overwrite => {
+                return Err(Status::failed_precondition(format!(
+                    "this coordinator holds committed checkpoints of {:?} (latest: {}); pass --resume to continue from it, --overwrite to forget them and start again, or rename the recipe",
+                    recipe.name, p.step
+                )));
+            }
+            (false, Some(_)) => {
+                while let Some(p) =
+                    checkpoint::latest_committed(&root).map_err(|e| Status::internal(format!("{e:#}")))?
+                {
+                    checkpoint::prune(Path::new(&p.dir)).map_err(|e| Status::internal(format!("{e:#}")))?;
+                }
+                None
+            }
+            (false, None) => None,
+        };
+        self.submit(recipe, r.nodes as usize, resume, inputs)
     }
 
     type WatchJobStream = BoxStream<pb::JobEvent>;
@@ -455,4 +517,61 @@ impl CoordinatorRpc for Service {
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
         }))
     }
+
+    async fn content_access(
+        &self,
+        req: Request<pb::ContentAccessRequest>,
+    ) -> Result<Response<pb::ContentAccessResponse>, Status> {
+        self.require_admin(&req, "ContentAccess")?;
+        Ok(Response::new(pb::ContentAccessResponse { fetch_secret: self.shared.secrets.fetch_secret().0.to_vec() }))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        req: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        self.require_admin(&req, "GetCheckpoint")?;
+        let r = req.into_inner();
+        if !swarm_sharding::content::valid_file_name(&r.name) {
+            return Err(Status::invalid_argument(format!("{:?} is not a recipe name", r.name)));
+        }
+        let root = self.shared.checkpoints.join(&r.name);
+        let dir = match r.step {
+            0 => checkpoint::latest_committed(&root)
+                .map_err(|e| Status::internal(format!("{e:#}")))?
+                .map(|p| PathBuf::from(p.dir))
+                .ok_or_else(|| Status::not_found(format!("no committed checkpoint of {:?} here", r.name)))?,
+            s => root.join(step_dir_name(Step(s))),
+        };
+        let manifest = read_manifest(&dir).map_err(|e| {
+            Status::not_found(format!("no committed checkpoint of {:?} at step {}: {e:#}", r.name, r.step))
+        })?;
+        let m = self.shared.machine.lock().expect("machine lock");
+        let manifest = with_live_holders(&m, manifest);
+        Ok(Response::new(pb::GetCheckpointResponse {
+            manifest_json: serde_json::to_string(&manifest).map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+}
+
+fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
+    use anyhow::Context;
+    let p = dir.join(Manifest::FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// `manifest` with each holder's current data-plane address (a worker that registered again
+/// may listen elsewhere), holders that are connected now first.
+fn with_live_holders(m: &Coordinator, mut manifest: Manifest) -> Manifest {
+    for r in &mut manifest.ranks {
+        for h in &mut r.holders {
+            if let Some(w) = m.workers().filter(|w| w.name == h.worker).max_by_key(|w| w.connected) {
+                h.data_addr = w.data_addr.clone();
+            }
+        }
+        let live = |h: &swarm_sharding::Holder| m.workers().any(|w| w.connected && w.name == h.worker);
+        r.holders.sort_by_key(|h| !live(h));
+    }
+    manifest
 }

@@ -5,7 +5,9 @@ use crate::job::Job;
 use crate::machine::{CheckpointReport, Rejection, StepReport, WorkerEntry};
 use swarm_proto::limits;
 use swarm_proto::v1 as pb;
-use swarm_sharding::{Assignment, DeviceInfo, DeviceKind, JobId, Rank, ShardFile, Step, WorkerId};
+use swarm_sharding::{
+    Assignment, Bundle, ContentFile, DeviceInfo, DeviceKind, Inputs, JobId, Rank, ShardFile, Step, WorkerId,
+};
 use tonic::Status;
 
 /// Maps a state-machine rejection to a gRPC status. The only such mapping.
@@ -67,6 +69,54 @@ pub fn devices_from_proto(ds: Vec<pb::Device>) -> Result<Vec<DeviceInfo>, Status
     ds.into_iter().map(device_from_proto).collect()
 }
 
+/// Replicas one checkpoint report may list.
+pub const MAX_REPLICAS: usize = 8;
+
+fn bundle_to_proto(b: &Bundle) -> pb::Bundle {
+    pb::Bundle {
+        files: b
+            .files
+            .iter()
+            .map(|f| pb::ContentFile { name: f.name.clone(), sha256: f.sha256.clone(), bytes: f.bytes })
+            .collect(),
+    }
+}
+
+fn inputs_to_proto(i: &Inputs) -> pb::Inputs {
+    pb::Inputs {
+        dataset: Some(bundle_to_proto(&i.dataset)),
+        model: i.model.as_ref().map(bundle_to_proto),
+        sources: i.sources.clone(),
+    }
+}
+
+/// A submitter's inputs: each bundle checked, and `source` (its data plane) the only source.
+pub fn inputs_from_proto(i: Option<pb::Inputs>) -> Result<Inputs, Status> {
+    let i = i.ok_or_else(|| Status::invalid_argument("inputs: the job names no dataset to fetch"))?;
+    let bundle = |b: pb::Bundle, what: &str| -> Result<Bundle, Status> {
+        let b = Bundle {
+            files: b
+                .files
+                .into_iter()
+                .map(|f| ContentFile { name: f.name, sha256: f.sha256, bytes: f.bytes })
+                .collect(),
+        };
+        b.validate(what).map_err(Status::invalid_argument)?;
+        Ok(b)
+    };
+    let [source] = i.sources.as_slice() else {
+        return Err(Status::invalid_argument("inputs.sources: name exactly one, the submitter's data plane"));
+    };
+    Ok(Inputs {
+        dataset: bundle(
+            i.dataset.ok_or_else(|| Status::invalid_argument("inputs.dataset is missing"))?,
+            "inputs.dataset",
+        )?,
+        model: i.model.map(|m| bundle(m, "inputs.model")).transpose()?,
+        sources: vec![text("inputs.sources", source.clone())?],
+    })
+}
+
 /// `job_secret`: the data-plane secret of this attempt (`identity::Secrets::job_secret`).
 pub fn assignment_to_proto(a: &Assignment, job_secret: &swarm_proto::trust::Secret) -> pb::Assignment {
     pb::Assignment {
@@ -86,6 +136,12 @@ pub fn assignment_to_proto(a: &Assignment, job_secret: &swarm_proto::trust::Secr
             batch_count: a.share.count as u32,
             attempt: a.attempt,
             job_secret: job_secret.0.to_vec(),
+            inputs: Some(inputs_to_proto(&a.inputs)),
+            resume_manifest_json: a
+                .resume_manifest
+                .as_ref()
+                .map(|m| serde_json::to_string(m).expect("a manifest always serializes"))
+                .unwrap_or_default(),
         })),
     }
 }
@@ -112,13 +168,42 @@ pub fn step_report_from_proto(r: &pb::StepReport) -> StepReport {
     }
 }
 
-pub fn checkpoint_from_proto(r: pb::CheckpointReport) -> Result<CheckpointReport, Status> {
-    if r.files.len() > limits::MAX_SHARD_FILES {
+fn shard_files(files: Vec<pb::ShardFile>) -> Result<Vec<ShardFile>, Status> {
+    if files.len() > limits::MAX_SHARD_FILES {
         return Err(Status::invalid_argument(format!(
             "{} shard files; the limit is {}",
-            r.files.len(),
+            files.len(),
             limits::MAX_SHARD_FILES
         )));
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            if !swarm_sharding::content::valid_file_name(&f.path) || !swarm_sharding::content::valid_sha256(&f.sha256) {
+                return Err(Status::invalid_argument(format!(
+                    "shard file {:?} ({:?}): not a plain name and a sha256",
+                    f.path, f.sha256
+                )));
+            }
+            Ok(ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes })
+        })
+        .collect()
+}
+
+/// A checkpoint's step directory relative to a worker's state directory: `checkpoints/NAME/step-N`.
+fn step_dir(dir: String) -> Result<String, Status> {
+    let parts: Vec<&str> = dir.split('/').collect();
+    let ok = matches!(parts.as_slice(), ["checkpoints", name, step]
+        if swarm_sharding::content::valid_file_name(name) && swarm_sharding::job::parse_step_dir_name(step).is_some());
+    if !ok {
+        return Err(Status::invalid_argument(format!("checkpoint.dir {dir:?}: not checkpoints/NAME/step-N")));
+    }
+    Ok(dir)
+}
+
+pub fn checkpoint_from_proto(r: pb::CheckpointReport) -> Result<CheckpointReport, Status> {
+    if r.replicas.len() > MAX_REPLICAS {
+        return Err(Status::invalid_argument(format!("{} replicas; the limit is {MAX_REPLICAS}", r.replicas.len())));
     }
     Ok(CheckpointReport {
         job: JobId(r.job_id),
@@ -126,20 +211,15 @@ pub fn checkpoint_from_proto(r: pb::CheckpointReport) -> Result<CheckpointReport
         rank: Rank(r.rank),
         attempt: r.attempt,
         step: Step(r.step),
-        dir: text("checkpoint.dir", r.dir)?,
-        files: r
-            .files
-            .into_iter()
-            .map(|f| {
-                Ok(ShardFile {
-                    path: text("file.path", f.path)?,
-                    sha256: text("file.sha256", f.sha256)?,
-                    bytes: f.bytes,
-                })
-            })
-            .collect::<Result<_, Status>>()?,
+        dir: step_dir(r.dir)?,
+        files: shard_files(r.files)?,
         rng_state: text("rng_state", r.rng_state)?,
         data_cursor: r.data_cursor,
+        replicas: r
+            .replicas
+            .into_iter()
+            .map(|x| Ok((Rank(x.rank), shard_files(x.files)?)))
+            .collect::<Result<_, Status>>()?,
     })
 }
 
@@ -187,4 +267,33 @@ pub fn worker_to_proto(w: &WorkerEntry, now_ms: u64) -> pb::WorkerStatus {
         job_id: w.job.map_or(0, |j| j.0),
         last_seen_ms_ago: now_ms.saturating_sub(w.last_seen_ms),
     }
+}
+
+/// A checkpoint's manifest from a submitter (`--resume-from`), checked before anything is
+/// named or sized by it: every file a plain name with a sha256, every rank held somewhere.
+pub fn manifest_from_submitter(json: &str) -> Result<swarm_sharding::Manifest, Status> {
+    let bad = |e: String| Status::invalid_argument(format!("resume_from: {e}"));
+    let m: swarm_sharding::Manifest = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    if m.ranks.is_empty() || m.ranks.len() > limits::MAX_WORLD_SIZE || m.ranks.len() != m.world_size as usize {
+        return Err(bad(format!("{} ranks for a world of {}", m.ranks.len(), m.world_size)));
+    }
+    for r in &m.ranks {
+        if r.files.len() > limits::MAX_SHARD_FILES || r.holders.is_empty() || r.holders.len() > MAX_REPLICAS {
+            return Err(bad(format!("{}: {} files, {} holders", r.rank, r.files.len(), r.holders.len())));
+        }
+        for f in &r.files {
+            if !swarm_sharding::content::valid_file_name(&f.path) || !swarm_sharding::content::valid_sha256(&f.sha256) {
+                return Err(bad(format!("{}: {:?} is not a plain file name with a sha256", r.rank, f.path)));
+            }
+        }
+        for h in &r.holders {
+            if h.data_addr.len() > limits::MAX_TEXT_BYTES
+                || h.dir.len() > limits::MAX_TEXT_BYTES
+                || h.worker.len() > limits::MAX_TEXT_BYTES
+            {
+                return Err(bad(format!("{}: a holder's fields are too long", r.rank)));
+            }
+        }
+    }
+    Ok(m)
 }

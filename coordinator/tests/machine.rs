@@ -4,11 +4,11 @@ use swarm_coordinator::job::JobState;
 use swarm_coordinator::machine::{
     CheckpointReport, Command, Config, Coordinator, Event, FAILURE_GRACE_MS, Reply, StepReport,
 };
-use swarm_sharding::{JobId, Rank, Recipe, ShardFile, Step, WorkerId};
+use swarm_sharding::{Bundle, ContentFile, Inputs, JobId, Rank, Recipe, ShardFile, Step, WorkerId};
 
 fn recipe(steps: u64, gb: usize) -> Recipe {
     let mut r = Recipe::from_yaml(&format!(
-        "name: t\nmodel: {{ preset: tiny }}\ndata: {{ dataset: d }}\ntrain: {{ steps: {steps}, seq_len: 8, global_batch: {gb}, lr: 0.001 }}\ncheckpoint: {{ dir: c, every: 2, keep: 1 }}\n"
+        "name: t\nmodel: {{ preset: tiny }}\ndata: {{ dataset: d }}\ntrain: {{ steps: {steps}, seq_len: 8, global_batch: {gb}, lr: 0.001 }}\ncheckpoint: {{ dir: c, every: 2, keep: 1, replicas: 1 }}\n"
     ))
     .unwrap();
     r.resolve_model(None, 300).unwrap();
@@ -36,9 +36,19 @@ fn register(c: &mut Coordinator, now: u64, n: usize) -> Vec<WorkerId> {
 }
 
 fn submit(c: &mut Coordinator, now: u64, steps: u64, nodes: usize) -> (JobId, Vec<Command>) {
-    let out = c.step(now, Event::Submit { recipe: Box::new(recipe(steps, 4)), nodes, resume: None }).unwrap();
+    let out = c
+        .step(
+            now,
+            Event::Submit { recipe: Box::new(recipe(steps, 4)), nodes, resume: None, inputs: Box::new(inputs()) },
+        )
+        .unwrap();
     let Reply::Submitted(job) = out.reply else { panic!() };
     (job, out.commands)
+}
+
+fn inputs() -> Inputs {
+    let file = ContentFile { name: "tokens.bin".into(), sha256: "cd".repeat(32), bytes: 8 };
+    Inputs { dataset: Bundle { files: vec![file] }, model: None, sources: vec!["10.0.0.9:7452".into()] }
 }
 
 fn assigns(cmds: &[Command]) -> Vec<(WorkerId, Rank, usize, usize)> {
@@ -53,7 +63,7 @@ fn assigns(cmds: &[Command]) -> Vec<(WorkerId, Rank, usize, usize)> {
 }
 
 fn ckpt(job: JobId, w: WorkerId, r: u32, step: u64) -> Event {
-    Event::CheckpointWritten(CheckpointReport {
+    Event::CheckpointWritten(Box::new(CheckpointReport {
         attempt: 1,
         job,
         worker: w,
@@ -63,7 +73,8 @@ fn ckpt(job: JobId, w: WorkerId, r: u32, step: u64) -> Event {
         files: vec![ShardFile { path: format!("optim-rank{r}.safetensors"), sha256: "ab".into(), bytes: 1 }],
         rng_state: "seed=1".into(),
         data_cursor: step * 4,
-    })
+        replicas: Vec::new(),
+    }))
 }
 
 #[test]
@@ -397,6 +408,7 @@ fn resume_past_the_end_is_refused() {
                 recipe: Box::new(recipe(10, 4)),
                 nodes: 1,
                 resume: Some(swarm_sharding::ResumePoint { dir: "x".into(), step: Step(10) }),
+                inputs: Box::new(inputs()),
             },
         )
         .err()
@@ -415,7 +427,8 @@ fn a_named_placement_puts_each_rank_on_its_worker() {
     let (busy, _) = submit(&mut c, 0, 10, 2);
     let holders = c.job(busy).unwrap().workers.clone();
     assert!(holders.contains(&ws[0]) && holders.contains(&ws[1]), "{holders:?}");
-    let out = c.step(1, Event::Submit { recipe: Box::new(r), nodes: 2, resume: None }).unwrap();
+    let out =
+        c.step(1, Event::Submit { recipe: Box::new(r), nodes: 2, resume: None, inputs: Box::new(inputs()) }).unwrap();
     let Reply::Submitted(job) = out.reply else { panic!() };
     assert_eq!(c.job(job).unwrap().state, JobState::Waiting);
     c.step(2, Event::Cancel { job: busy, reason: "test".into() }).unwrap();
@@ -463,7 +476,17 @@ fn reports_outside_the_job_are_refused_and_leave_it_running() {
     let mut c = Coordinator::new(Config::default());
     let ws = register(&mut c, 0, 2);
     let resume = swarm_sharding::ResumePoint { dir: "c/step-000004".into(), step: Step(4) };
-    let out = c.step(0, Event::Submit { recipe: Box::new(recipe(3000, 4)), nodes: 1, resume: Some(resume) }).unwrap();
+    let out = c
+        .step(
+            0,
+            Event::Submit {
+                recipe: Box::new(recipe(3000, 4)),
+                nodes: 1,
+                resume: Some(resume),
+                inputs: Box::new(inputs()),
+            },
+        )
+        .unwrap();
     let Reply::Submitted(job) = out.reply else { panic!() };
     let w = c.job(job).unwrap().workers[0];
     let bad = [
@@ -509,4 +532,80 @@ fn reports_outside_the_job_are_refused_and_leave_it_running() {
     assert_eq!(out.reply, Reply::Ack { cancel: None });
     let j = c.job(job).unwrap();
     assert_eq!((j.step, j.losses.clone()), (Step(5), vec![1.0]));
+}
+
+/// Each rank's files are committed with the hosts that hold them: the writer and the worker
+/// that reported a copy. A copy that differs, or too few copies, fails the job; nothing is
+/// committed. Assignments list the submitter and then the job's workers as content sources.
+#[test]
+fn checkpoints_commit_with_their_replicas_and_a_bad_copy_fails_the_job() {
+    let replicated = |steps| {
+        let mut r = recipe(steps, 6);
+        r.checkpoint.replicas = None; // the default: 2 with 2+ workers
+        r
+    };
+    let own = |r: u32| vec![ShardFile { path: format!("optim-rank{r}.safetensors"), sha256: "ab".into(), bytes: 1 }];
+    let report = |job, w, r: u32, of: Option<(u32, Vec<ShardFile>)>| {
+        let Event::CheckpointWritten(mut c) = ckpt(job, w, r, 2) else { unreachable!() };
+        c.replicas = of.into_iter().map(|(o, f)| (Rank(o), f)).collect();
+        Event::CheckpointWritten(c)
+    };
+    for case in ["good", "differs", "missing"] {
+        let mut c = Coordinator::new(Config::default());
+        let ws = register(&mut c, 0, 3);
+        let out = c
+            .step(
+                1,
+                Event::Submit { recipe: Box::new(replicated(4)), nodes: 3, resume: None, inputs: Box::new(inputs()) },
+            )
+            .unwrap();
+        let Reply::Submitted(job) = out.reply else { panic!() };
+        let Some(Command::Assign { assignment, .. }) =
+            out.commands.iter().find(|c| matches!(c, Command::Assign { .. }))
+        else {
+            panic!("{:?}", out.commands)
+        };
+        assert_eq!(
+            assignment.inputs.sources,
+            ["10.0.0.9:7452", "127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"],
+            "the submitter first, then the job's workers"
+        );
+        let mut cmds = Vec::new();
+        for r in 0..3u32 {
+            let of = (r + 1) % 3;
+            let copy = match (case, r) {
+                ("differs", 2) => Some((of, vec![ShardFile { sha256: "ff".into(), ..own(of)[0].clone() }])),
+                ("missing", 1) => None,
+                _ => Some((of, own(of))),
+            };
+            cmds.extend(c.step(10, report(job, ws[r as usize], r, copy)).unwrap().commands);
+        }
+        let commit = cmds.iter().find_map(|c| match c {
+            Command::CommitCheckpoint { manifest, .. } => Some(manifest),
+            _ => None,
+        });
+        let j = c.job(job).unwrap();
+        match case {
+            "good" => {
+                let m = commit.expect("committed");
+                let holders: Vec<Vec<&str>> =
+                    m.ranks.iter().map(|r| r.holders.iter().map(|h| h.worker.as_str()).collect()).collect();
+                assert_eq!(holders, [["host0", "host2"], ["host1", "host0"], ["host2", "host1"]]);
+                assert_eq!(m.ranks[0].holders[1].data_addr, "127.0.0.1:9002");
+                assert_eq!(j.state, JobState::Running);
+            }
+            "differs" => {
+                assert!(commit.is_none());
+                assert_eq!(j.state, JobState::Failed);
+                let e = j.error.as_deref().unwrap();
+                assert!(e.contains("the copy of rank0's files on host2 differs"), "{e}");
+            }
+            _ => {
+                assert!(commit.is_none());
+                assert_eq!(j.state, JobState::Failed);
+                let e = j.error.as_deref().unwrap();
+                assert!(e.contains("rank2's files are on 1 host(s), checkpoint.replicas asks for 2"), "{e}");
+            }
+        }
+    }
 }

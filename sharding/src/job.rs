@@ -1,6 +1,7 @@
 //! What a job is made of, as both sides see it: the assignment a worker receives and the manifest
 //! that marks a committed checkpoint. Plain values; the wire and file formats map onto these.
 
+use crate::content::Inputs;
 use crate::ids::{JobId, Rank, Step, WorkerId};
 use crate::plan::BatchShare;
 use crate::recipe::Recipe;
@@ -15,7 +16,8 @@ pub struct Peer {
     pub data_addr: String,
 }
 
-/// A committed checkpoint to start from.
+/// A committed checkpoint to start from: `dir` is where its manifest is, on the coordinator
+/// (the coordinator's own record) or, in an assignment, on the worker once fetched.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResumePoint {
     pub dir: String,
@@ -34,6 +36,13 @@ pub struct Assignment {
     pub share: BatchShare,
     /// Bumped each time the job is (re)started, so stale data-plane peers are refused.
     pub attempt: u64,
+    /// The dataset and model to fetch before training, and who serves them.
+    #[serde(default)]
+    pub inputs: Inputs,
+    /// The manifest of `resume`, with the hosts that hold each rank's files (their current
+    /// data-plane addresses): the worker fetches what it lacks from them.
+    #[serde(default)]
+    pub resume_manifest: Option<Box<Manifest>>,
 }
 
 /// One file a rank wrote for a checkpoint.
@@ -53,6 +62,21 @@ pub struct RankCheckpoint {
     pub files: Vec<ShardFile>,
     /// Opaque RNG state of the rank (recorded for a bit-exact resume).
     pub rng_state: String,
+    /// The hosts that hold these files: the rank's own worker first, then its replicas.
+    #[serde(default)]
+    pub holders: Vec<Holder>,
+}
+
+/// A host that holds a copy of one rank's checkpoint files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The worker's name (`swarm status`): how a holder is found again after it re-registers.
+    pub worker: String,
+    /// host:port of its data plane when it reported.
+    pub data_addr: String,
+    /// The step directory on that host, relative to its state directory
+    /// (`checkpoints/<recipe name>/step-000050`).
+    pub dir: String,
 }
 
 /// `manifest.json` in a step directory. Its presence marks the checkpoint complete: the

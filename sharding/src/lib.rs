@@ -12,6 +12,7 @@
 //! [`plan::shard_range`] split a batch and a flat parameter vector over data-parallel ranks.
 
 pub mod cluster;
+pub mod content;
 pub mod cost;
 pub mod finetune;
 pub mod ids;
@@ -24,10 +25,11 @@ pub mod recipe;
 pub mod train_spec;
 
 pub use cluster::{ClusterError, ClusterSpec, DeviceInfo, DeviceKind, LiveWorker};
+pub use content::{Bundle, ContentFile, Inputs};
 pub use cost::CostModel;
 pub use finetune::{FinetuneMode, OptimizerKind};
 pub use ids::{JobId, Rank, StageId, Step, WorkerId};
-pub use job::{Assignment, Manifest, Peer, RankCheckpoint, ResumePoint, ShardFile};
+pub use job::{Assignment, Holder, Manifest, Peer, RankCheckpoint, ResumePoint, ShardFile};
 pub use model::{ModelSpec, RopeScaling};
 pub use plan::{BatchShare, Plan};
 pub use plan_error::PlanError;

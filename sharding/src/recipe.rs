@@ -201,10 +201,37 @@ pub struct CheckpointSection {
     /// Committed checkpoints to keep; older ones are deleted after a newer one commits. 0 keeps all.
     #[serde(default = "default_keep")]
     pub keep: usize,
+    /// Hosts that hold each rank's checkpoint files (the writer and replicas on the job's next
+    /// ranks), so that losing a machine loses no committed checkpoint. Default: 2 when the job
+    /// has 2 or more workers, else 1.
+    #[serde(default)]
+    pub replicas: Option<usize>,
+    /// Which committed checkpoints `swarm train` copies into `dir` on the submitter's machine
+    /// as the job runs: every one (`all`, the default), only the final one (`last`), or none
+    /// (`none`; `swarm checkpoint pull` fetches any of them later).
+    #[serde(default)]
+    pub pull: PullPolicy,
+}
+
+/// See [`CheckpointSection::pull`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    #[default]
+    All,
+    Last,
+    None,
 }
 
 fn default_keep() -> usize {
     3
+}
+
+impl CheckpointSection {
+    /// The hosts each rank's files should be on, for a job of `world` workers.
+    pub fn replicas_for(&self, world: usize) -> usize {
+        self.replicas.unwrap_or(if world >= 2 { 2 } else { 1 })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -305,6 +332,13 @@ impl Recipe {
     /// (every stage of a pipeline takes the same rows). The replicas split the batch as
     /// `parallel.rows_per_worker` says (one entry per replica), else evenly.
     pub fn batch_shares(&self, nodes: usize) -> Result<Vec<crate::plan::BatchShare>, String> {
+        if let Some(k) = self.checkpoint.replicas
+            && k > nodes
+        {
+            return Err(format!(
+                "checkpoint.replicas = {k}: a job on {nodes} worker(s) keeps each rank's checkpoint files on at most {nodes} of them (replicas go to the job's other ranks); use --nodes {k} or lower checkpoint.replicas"
+            ));
+        }
         if let Some(w) = &self.parallel.workers
             && w.len() != nodes
         {
@@ -430,11 +464,11 @@ impl Recipe {
 
     /// Checks every field and the facts between fields.
     pub fn validate(&self) -> Result<(), RecipeError> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if self.name.len() > 64 || !crate::content::valid_file_name(&self.name) {
             return Err(err(
                 "name",
                 format!("{:?}", self.name),
-                "must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                "must be 1 to 64 ASCII letters, digits, '-', '_' or '.', not starting with '.' (it names directories on every host)",
                 "rename the recipe, e.g. name: tiny-cpu",
             ));
         }
@@ -480,6 +514,14 @@ impl Recipe {
         let c = &self.checkpoint;
         if c.every == 0 {
             return Err(err("checkpoint.every", 0, "must be > 0", "checkpoint every N steps, e.g. 50"));
+        }
+        if c.replicas == Some(0) {
+            return Err(err(
+                "checkpoint.replicas",
+                0,
+                "must be at least 1",
+                "leave it out (2 with 2+ workers) or set 1 or 2",
+            ));
         }
         if c.dir.as_os_str().is_empty() {
             return Err(err(

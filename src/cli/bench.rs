@@ -106,6 +106,8 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     recipe.train.steps = a.steps;
     recipe.train.warmup_steps = recipe.train.warmup_steps.min(a.steps);
     recipe.checkpoint.every = a.steps;
+    // The timed runs' checkpoints stay on their workers.
+    recipe.checkpoint.pull = swarm_sharding::recipe::PullPolicy::None;
     let scratch = std::env::temp_dir().join(format!("swarm-bench-{}", std::process::id()));
     let tokens_per_step = |n: usize| (batch_for(n, fixed) * recipe.train.seq_len) as f64;
     let mut rows = Vec::new();
@@ -113,9 +115,14 @@ pub async fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
         let dir = scratch.join(format!("nodes-{n}"));
         recipe.checkpoint.dir = dir.join("checkpoints");
         recipe.train.global_batch = batch_for(n, fixed);
-        let mut cluster = LocalCluster::start(n, &dir.join("coordinator"), &dir.join("logs"))?;
+        let mut cluster = LocalCluster::start(n, &dir.join("coordinator"), &dir.join("workers"), &dir.join("logs"))?;
         let token = cluster.admin.clone();
-        let target = super::train::Target { token: &token, wait: std::time::Duration::from_secs(600) };
+        let target = super::train::Target {
+            token: &token,
+            wait: std::time::Duration::from_secs(600),
+            overwrite: false,
+            resume_from: None,
+        };
         let mut seen: Vec<(u64, Instant)> = Vec::new();
         let status = super::train::submit_and_follow(target, &recipe, n, false, false, Some(&mut cluster), |s| {
             if s.state == "running" && seen.last().is_none_or(|(st, _)| *st < s.step) {

@@ -23,8 +23,9 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<File> {
 
 impl LocalCluster {
     /// Starts a coordinator on a free loopback port with its state in `state_dir`, and `nodes`
-    /// workers; their logs go to `log_dir`.
-    pub fn start(nodes: usize, state_dir: &Path, log_dir: &Path) -> anyhow::Result<LocalCluster> {
+    /// workers, each with its own state directory under `workers_dir` (kept, so a resumed run
+    /// finds their checkpoints); their logs go to `log_dir`.
+    pub fn start(nodes: usize, state_dir: &Path, workers_dir: &Path, log_dir: &Path) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
         let exe = std::env::current_exe().context("locating the swarm executable")?;
         let me = std::process::id().to_string();
@@ -82,7 +83,9 @@ impl LocalCluster {
                     "127.0.0.1",
                     "--exit-with-parent",
                     &me,
+                    "--state-dir",
                 ])
+                .arg(workers_dir.join(&name))
                 .args(
                     swarm_worker::device::local_worker_device(i)
                         .map(|d| ["--device".to_string(), d])

@@ -3,6 +3,8 @@
 pub mod auth;
 pub mod bench;
 pub mod bench_kernels;
+pub mod checkpoint;
+pub mod content;
 pub mod data;
 pub mod doctor;
 pub mod eval;

@@ -19,9 +19,14 @@ pub struct TrainArgs {
     /// Workers to train on.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
-    /// Continue from the recipe's last committed checkpoint.
+    /// Continue from the recipe's last committed checkpoint (the coordinator's record: its files
+    /// are on the workers).
     #[arg(long)]
     pub resume: bool,
+    /// Continue from this committed checkpoint on this machine instead (a step directory, as
+    /// `swarm checkpoint pull` or checkpoint.dir hold them); the workers fetch it from here.
+    #[arg(long, conflicts_with_all = ["resume", "overwrite"])]
+    pub resume_from: Option<PathBuf>,
     /// The coordinator's admin token (`swarm token` on its machine prints it). Without it, the
     /// token of a coordinator on this machine is used, and when none answers, a local
     /// coordinator and --nodes local workers are started.
@@ -75,10 +80,26 @@ fn waiting_message(s: &pb::ClusterStatus, nodes: usize, named: Option<&[String]>
     m
 }
 
-/// Where a job is submitted and how long it may wait for its workers.
+/// Where a job is submitted, how long it may wait for its workers, and whether it may forget
+/// committed checkpoints of the same recipe name (`--overwrite`).
 pub struct Target<'a> {
     pub token: &'a Token,
     pub wait: Duration,
+    pub overwrite: bool,
+    /// A checkpoint directory on this machine to continue from (`--resume-from`).
+    pub resume_from: Option<&'a std::path::Path>,
+}
+
+/// The committed checkpoint to copy to this machine now, if any (`checkpoint.pull`).
+fn due_pull(recipe: &Recipe, s: &pb::JobStatus, pulled: u64) -> Option<u64> {
+    use swarm_sharding::recipe::PullPolicy;
+    let step = s.last_checkpoint_step;
+    let new = step > pulled && step > s.start_step;
+    match recipe.checkpoint.pull {
+        PullPolicy::All => new.then_some(step),
+        PullPolicy::Last => (new && s.state == "succeeded" && step == s.total_steps).then_some(step),
+        PullPolicy::None => None,
+    }
 }
 
 /// Submits and follows a job to its end. `on_status` sees every status the coordinator sends.
@@ -92,8 +113,36 @@ pub async fn submit_and_follow(
     mut on_status: impl FnMut(&pb::JobStatus),
 ) -> anyhow::Result<pb::JobStatus> {
     let mut client: Client = super::auth::admin_client(target.token).await?;
+    let secret = super::content::fetch_secret(&mut client).await?;
+    // Workers fetch the dataset and model from this machine's disk: served from here while
+    // the job runs (workers that already hold them serve them too).
+    let (listen, advertise) = match &local {
+        Some(_) => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+        None => (
+            "0.0.0.0".to_string(),
+            target
+                .token
+                .addrs
+                .iter()
+                .find_map(|a| swarm_worker::daemon::local_ip_towards(a))
+                .unwrap_or_else(|| "127.0.0.1".into()),
+        ),
+    };
+    let serving = super::content::serve(recipe, secret, &listen, &advertise, target.resume_from)?;
+    let inputs = Some(swarm_worker::proto_conv::inputs_to_proto(&serving.inputs));
+    let resume_from_json = match &serving.resume_from {
+        Some(m) => serde_json::to_string(m)?,
+        None => String::new(),
+    };
     let job = client
-        .submit_job(pb::SubmitJobRequest { recipe_json: serde_json::to_string(recipe)?, nodes: nodes as u32, resume })
+        .submit_job(pb::SubmitJobRequest {
+            recipe_json: serde_json::to_string(recipe)?,
+            nodes: nodes as u32,
+            resume,
+            inputs,
+            overwrite: target.overwrite,
+            resume_from_json,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
         .into_inner()
@@ -118,6 +167,9 @@ pub async fn submit_and_follow(
     let mut started = false;
     let mut last = None;
     let mut waiting_said = String::new();
+    let mut pulled = 0u64;
+    let mut last_printed_mb = 0u64;
+    let mut pulled_dir = None;
     let give_up_at = std::time::Instant::now() + target.wait;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let status = loop {
@@ -161,6 +213,24 @@ pub async fn submit_and_follow(
         };
         let Some(s) = ev.status else { continue };
         on_status(&s);
+        if let Some(step) = due_pull(recipe, &s, pulled) {
+            pb.set_message(format!("copying the checkpoint of step {step} to {}", recipe.checkpoint.dir.display()));
+            let root = &recipe.checkpoint.dir;
+            match super::content::pull_step(&mut client, secret, &recipe.name, swarm_sharding::Step(step), root).await {
+                Ok(dir) => pulled_dir = Some(dir),
+                Err(e) => {
+                    pb.suspend(|| eprintln!("job-{job}: could not copy the checkpoint of step {step} here: {e:#}; it stays on the workers (`swarm checkpoint pull` fetches it later)"))
+                }
+            }
+            pulled = step;
+        }
+        if show && !tty && s.state == "running" && s.step == s.start_step && serving.bytes_sent() > 0 {
+            let sent = serving.bytes_sent() / 1_000_000;
+            if sent / 100 != last_printed_mb / 100 {
+                eprintln!("job-{job}: sent {sent} MB of the dataset and model to the workers");
+                last_printed_mb = sent;
+            }
+        }
         if s.state == "running" && !started {
             started = true;
             pb.set_position(s.start_step);
@@ -182,6 +252,12 @@ pub async fn submit_and_follow(
         }
     };
     pb.finish_and_clear();
+    let mut status = status;
+    if let Some(d) = pulled_dir
+        && pulled == status.last_checkpoint_step
+    {
+        status.last_checkpoint_dir = d.display().to_string();
+    }
     Ok(status)
 }
 
@@ -189,7 +265,7 @@ pub async fn submit_and_follow(
 fn guard_existing_checkpoints(recipe: &Recipe, a: &TrainArgs) -> anyhow::Result<()> {
     use swarm_coordinator::checkpoint::{latest_committed, prune};
     let dir = &recipe.checkpoint.dir;
-    if a.resume {
+    if a.resume || a.resume_from.is_some() {
         return Ok(());
     }
     let Some(latest) = latest_committed(dir)? else { return Ok(()) };
@@ -247,6 +323,7 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
         t
     } else {
         let state = recipe.checkpoint.dir.join("coordinator");
+        let workers = recipe.checkpoint.dir.join("workers");
         let logs = recipe.checkpoint.dir.join("logs");
         if show {
             eprintln!(
@@ -255,12 +332,12 @@ pub async fn run(a: TrainArgs) -> anyhow::Result<()> {
                 logs.display()
             );
         }
-        let cluster = LocalCluster::start(a.nodes, &state, &logs)?;
+        let cluster = LocalCluster::start(a.nodes, &state, &workers, &logs)?;
         let token = cluster.admin.clone();
         local = Some(cluster);
         token
     };
-    let target = Target { token: &token, wait: a.wait };
+    let target = Target { token: &token, wait: a.wait, overwrite: a.overwrite, resume_from: a.resume_from.as_deref() };
     let result = submit_and_follow(target, &recipe, a.nodes, a.resume, show, local.as_mut(), |_| {}).await;
     if let Some(mut l) = local {
         l.stop();

@@ -26,6 +26,11 @@ pub struct WorkerArgs {
     /// The device to train on: auto (the first CUDA GPU in a CUDA build, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, env = "SWARM_DEVICE", default_value = "auto")]
     pub device: String,
+    /// The only directory this worker reads and writes: the datasets and models it fetched
+    /// (`content/`) and the checkpoints it holds (`checkpoints/`). Default: the `worker`
+    /// folder of the data directory ($XDG_DATA_HOME/swarm or ~/.local/share/swarm).
+    #[arg(long, env = "SWARM_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     pub exit_with_parent: Option<u32>,
 }
@@ -48,6 +53,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         data_listen: a.data_listen,
         advertise_host: a.advertise_host,
         device: a.device,
+        state_dir: a.state_dir.unwrap_or_else(|| crate::default_data_dir().join("worker")),
     };
     tokio::select! {
         r = daemon::run(opts) => r,

@@ -59,6 +59,32 @@ fn save_tensors(
     safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// What one rank wrote for one checkpoint, next to its files (`rank-00001.json`, written
+/// last): its neighbours read it to copy those files as replicas, and check that it is this
+/// job attempt's (not a listing left by an earlier run of the same recipe).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Listing {
+    pub job: u64,
+    pub attempt: u64,
+    pub rank: u32,
+    pub files: Vec<ShardFile>,
+}
+
+impl Listing {
+    /// The largest listing a neighbour reads.
+    pub const MAX_BYTES: u64 = 64 << 10;
+
+    pub fn file_name(rank: Rank) -> String {
+        format!("rank-{:05}.json", rank.0)
+    }
+
+    /// Writes it in `dir`, atomically.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let json = serde_json::to_vec(self)?;
+        write_atomic(dir, &Self::file_name(Rank(self.rank)), |p| Ok(std::fs::write(p, &json)?)).map(|_| ())
+    }
+}
+
 pub fn optim_file_name(rank: Rank, world: u32) -> String {
     format!("optim-rank{:05}-of-{:05}.safetensors", rank.0, world)
 }

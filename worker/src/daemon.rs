@@ -3,7 +3,9 @@
 //! carries its reports. If the coordinator goes away it registers again when it is back.
 
 use crate::comm::dataplane::DataPlane;
+use crate::comm::fetch::{Fetcher, FileServer, state_dir_resolver};
 use crate::comm::ring::Aborter;
+use crate::content;
 use crate::proto_conv;
 use crate::train::{self, Report, TrainContext};
 use anyhow::Context;
@@ -30,12 +32,14 @@ pub struct WorkerOptions {
     pub advertise_host: Option<String>,
     /// The device to train on: `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The only directory this worker reads and writes (`content::`).
+    pub state_dir: std::path::PathBuf,
 }
 
 type Client = swarm_proto::trust::Client;
 
 /// The local address this machine uses to reach `coordinator` (no packet is sent).
-fn local_ip_towards(coordinator: &str) -> Option<String> {
+pub fn local_ip_towards(coordinator: &str) -> Option<String> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
     sock.connect(coordinator).ok()?;
     Some(sock.local_addr().ok()?.ip().to_string())
@@ -53,7 +57,7 @@ async fn join(
     opts: &WorkerOptions,
     devices: &[swarm_sharding::DeviceInfo],
     data_addr: &str,
-) -> anyhow::Result<(Client, pb::RegisterWorkerResponse)> {
+) -> anyhow::Result<(Client, pb::RegisterWorkerResponse, Secret)> {
     let (channel, _) = trust::connect_channel(&opts.join.addrs, opts.join.pin).await?;
     let reg = trust::client(channel.clone(), &opts.join.secret)
         .register_worker(pb::RegisterWorkerRequest {
@@ -67,7 +71,10 @@ async fn join(
         .into_inner();
     let credential = Secret::from_hex(&reg.credential)
         .context("the coordinator's registration carried no credential (an older coordinator?)")?;
-    Ok((trust::client(channel, &credential), reg))
+    let fetch = <[u8; 32]>::try_from(reg.fetch_secret.as_slice()).map(Secret).map_err(|_| {
+        anyhow::anyhow!("the coordinator's registration carried no fetch secret (an older coordinator?)")
+    })?;
+    Ok((trust::client(channel, &credential), reg, fetch))
 }
 
 pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
@@ -86,9 +93,14 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         info!(kind = d.kind.as_str(), name = %d.name, tflops = d.measured_tflops, memory_gib = d.memory_bytes as f64 / (1u64 << 30) as f64, "device");
     }
     let running: Arc<Mutex<Option<Running>>> = Arc::default();
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating the state directory {}", opts.state_dir.display()))?;
+    let state_dir = std::path::absolute(&opts.state_dir)?;
+    let _lock = lock_state_dir(&state_dir)?;
+    info!(state_dir = %state_dir.display(), "state directory");
     let mut last_error = String::new();
     loop {
-        let (client, reg) = match join(&opts, &devices, &data_addr).await {
+        let (client, reg, fetch) = match join(&opts, &devices, &data_addr).await {
             Ok(r) => r,
             Err(e) => {
                 // Said once per distinct reason, not every 2 s.
@@ -104,8 +116,16 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         last_error.clear();
         let worker = WorkerId(reg.worker_id);
         info!(%worker, coordinator = ?opts.join.addrs, %data_addr, "registered");
-        let session =
-            serve(client, worker, reg.heartbeat_interval_ms, dp.clone(), running.clone(), opts.device.clone());
+        // Peers of this cluster may fetch what this worker holds (content, checkpoints).
+        dp.serve_files(Arc::new(FileServer::new(fetch, state_dir_resolver(state_dir.clone()))));
+        let env = JobEnv {
+            dp: dp.clone(),
+            device: opts.device.clone(),
+            state_dir: state_dir.clone(),
+            fetcher: Fetcher::new(fetch),
+            data_addr: data_addr.clone(),
+        };
+        let session = serve(client, worker, reg.heartbeat_interval_ms, env, running.clone());
         if let Err(e) = session.instrument(info_span!("worker", %worker)).await {
             warn!("lost the coordinator: {e:#}; registering again");
         }
@@ -118,14 +138,24 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     }
 }
 
+/// What every job of one registration runs with.
+#[derive(Clone)]
+struct JobEnv {
+    dp: Arc<DataPlane>,
+    device: String,
+    state_dir: std::path::PathBuf,
+    fetcher: Fetcher,
+    /// This worker's own data-plane address (left out of the sources it fetches from).
+    data_addr: String,
+}
+
 /// One registration's life: heartbeats plus the assignment stream; returns when either ends.
 async fn serve(
     client: Client,
     worker: WorkerId,
     heartbeat_ms: u64,
-    dp: Arc<DataPlane>,
+    env: JobEnv,
     running: Arc<Mutex<Option<Running>>>,
-    device: String,
 ) -> anyhow::Result<()> {
     let mut hb_client = client.clone();
     let heartbeats = async move {
@@ -154,7 +184,7 @@ async fn serve(
                     }) {
                         Ok((a, secret)) => {
                             let job = JobToRun { a, secret };
-                            start_job(client.clone(), worker, job, dp.clone(), running.clone(), device.clone()).await
+                            start_job(client.clone(), worker, job, env.clone(), running.clone()).await
                         }
                         Err(e) => {
                             let rank = (worker, 0, attempt);
@@ -209,14 +239,7 @@ struct JobToRun {
     secret: Secret,
 }
 
-async fn start_job(
-    client: Client,
-    worker: WorkerId,
-    job: JobToRun,
-    dp: Arc<DataPlane>,
-    running: Arc<Mutex<Option<Running>>>,
-    device: String,
-) {
+async fn start_job(client: Client, worker: WorkerId, job: JobToRun, env: JobEnv, running: Arc<Mutex<Option<Running>>>) {
     let JobToRun { a, secret } = job;
     let mut slot = running.lock().await;
     if let Some(r) = slot.as_ref() {
@@ -258,20 +281,27 @@ async fn start_job(
                                 }
                             }
                         }
-                        Report::Checkpoint { step, dir, files, rng_state, data_cursor } => {
+                        Report::Checkpoint { step, dir, files, replicas, rng_state, data_cursor } => {
+                            let shard_files = |files: Vec<swarm_sharding::ShardFile>| -> Vec<pb::ShardFile> {
+                                files
+                                    .into_iter()
+                                    .map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes })
+                                    .collect()
+                            };
                             let req = pb::CheckpointReport {
                                 job_id: a2.job.0,
                                 worker_id: worker.0,
                                 rank: a2.rank.0,
                                 step: step.0,
-                                dir: dir.display().to_string(),
-                                files: files
-                                    .into_iter()
-                                    .map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes })
-                                    .collect(),
+                                dir,
+                                files: shard_files(files),
                                 rng_state,
                                 data_cursor,
                                 attempt: a2.attempt,
+                                replicas: replicas
+                                    .into_iter()
+                                    .map(|(r, f)| pb::Replica { rank: r.0, files: shard_files(f) })
+                                    .collect(),
                             };
                             match rc.report_checkpoint(req).await {
                                 Ok(resp) if resp.get_ref().accepted => None,
@@ -293,19 +323,28 @@ async fn start_job(
                 last
             });
             // Peers holding this attempt's secret may connect while it trains.
-            let admission = dp.admit(a.job, a.attempt, secret);
+            let admission = env.dp.admit(a.job, a.attempt, secret);
             let ctx = TrainContext {
                 worker,
-                data_plane: dp,
+                data_plane: env.dp.clone(),
                 report: Box::new(move |r| {
                     tx.blocking_send(r).map_err(|_| anyhow::anyhow!("the report channel closed"))
                 }),
                 cancel: cancel.clone(),
                 aborter,
-                device,
+                device: env.device.clone(),
+                state_dir: env.state_dir.clone(),
+                fetcher: env.fetcher.clone(),
+                peer_addrs: a.peers.iter().map(|p| p.data_addr.clone()).collect(),
+                attempt: a.attempt,
+                job: a.job,
             };
-            let a3 = a.clone();
-            let result = tokio::task::spawn_blocking(move || train::run(&a3, ctx)).await;
+            let mut a3 = a.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                fetch_inputs(&mut a3, &env, &ctx.cancel)?;
+                train::run(&a3, ctx)
+            })
+            .await;
             drop(admission);
             let last = reporter.await.unwrap_or(0);
             let reported = report_error.lock().expect("report error lock").take();
@@ -325,4 +364,51 @@ async fn start_job(
         }
         .instrument(span),
     );
+}
+
+/// Fetches what the assignment reads into this worker's state directory (the dataset, the
+/// starting model, the checkpoint to resume from) and points the assignment at the copies.
+fn fetch_inputs(a: &mut Assignment, env: &JobEnv, cancel: &AtomicBool) -> anyhow::Result<()> {
+    let sources: Vec<String> = a.inputs.sources.iter().filter(|s| **s != env.data_addr).cloned().collect();
+    let state = &env.state_dir;
+    let data = &a.inputs.dataset;
+    a.recipe.data.dataset = content::materialize(state, data, &sources, &env.fetcher, "the dataset", cancel)?;
+    match (&a.inputs.model, &a.recipe.model.hf_dir) {
+        (Some(m), _) => {
+            let dir = content::materialize(state, m, &sources, &env.fetcher, "the model", cancel)?;
+            a.recipe.model.hf_dir = Some(dir);
+        }
+        (None, Some(d)) => anyhow::bail!(
+            "model.hf_dir = {} is on the submitter's machine, and the job carries no copy of it",
+            d.display()
+        ),
+        (None, None) => {}
+    }
+    if let Some(rp) = &mut a.resume {
+        let m = a.resume_manifest.as_ref().context("the assignment resumes without the checkpoint's manifest")?;
+        let dir = state.join(content::step_rel_dir(&a.recipe.name, rp.step));
+        content::fetch_checkpoint(m, &dir, &env.fetcher, cancel)?;
+        rp.dir = dir.display().to_string();
+    }
+    Ok(())
+}
+
+/// Holds `<state>/lock` for the life of the worker: two workers on one state directory would
+/// write the same files.
+fn lock_state_dir(state: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let p = state.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another worker uses the state directory {}; give this one its own with --state-dir",
+            state.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", p.display())),
+    }
 }

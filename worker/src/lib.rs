@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod comm;
+pub mod content;
 pub mod daemon;
 pub mod data;
 pub mod device;

@@ -4,7 +4,10 @@ use crate::train::StepStats;
 use anyhow::{Context, bail};
 use swarm_proto::v1 as pb;
 use swarm_sharding::plan::BatchShare;
-use swarm_sharding::{Assignment, DeviceInfo, JobId, Peer, Rank, Recipe, ResumePoint, Step, WorkerId};
+use swarm_sharding::{
+    Assignment, Bundle, ContentFile, DeviceInfo, Inputs, JobId, Manifest, Peer, Rank, Recipe, ResumePoint, Step,
+    WorkerId,
+};
 
 pub fn device_to_proto(d: &DeviceInfo) -> pb::Device {
     pb::Device {
@@ -41,6 +44,55 @@ pub fn assignment_from_proto(t: pb::TrainAssignment) -> anyhow::Result<Assignmen
         resume: (!t.resume_dir.is_empty()).then_some(ResumePoint { dir: t.resume_dir, step: Step(t.start_step) }),
         share: BatchShare { rank: Rank(t.rank), offset: t.batch_offset as usize, count: t.batch_count as usize },
         attempt: t.attempt,
+        inputs: inputs_from_proto(t.inputs)?,
+        resume_manifest: match t.resume_manifest_json.as_str() {
+            "" => None,
+            json => Some(Box::new(
+                serde_json::from_str::<Manifest>(json).context("decoding the assignment's resume manifest")?,
+            )),
+        },
+    })
+}
+
+pub fn bundle_to_proto(b: &Bundle) -> pb::Bundle {
+    pb::Bundle {
+        files: b
+            .files
+            .iter()
+            .map(|f| pb::ContentFile { name: f.name.clone(), sha256: f.sha256.clone(), bytes: f.bytes })
+            .collect(),
+    }
+}
+
+pub fn inputs_to_proto(i: &Inputs) -> pb::Inputs {
+    pb::Inputs {
+        dataset: Some(bundle_to_proto(&i.dataset)),
+        model: i.model.as_ref().map(bundle_to_proto),
+        sources: i.sources.clone(),
+    }
+}
+
+/// Checked before anything is named or sized by it.
+pub fn inputs_from_proto(i: Option<pb::Inputs>) -> anyhow::Result<Inputs> {
+    let i = i.context("the assignment names no inputs (a coordinator of an older version?)")?;
+    let bundle = |b: pb::Bundle, what: &str| -> anyhow::Result<Bundle> {
+        let b = Bundle {
+            files: b
+                .files
+                .into_iter()
+                .map(|f| ContentFile { name: f.name, sha256: f.sha256, bytes: f.bytes })
+                .collect(),
+        };
+        b.validate(what).map_err(anyhow::Error::msg)?;
+        Ok(b)
+    };
+    if i.sources.len() > swarm_proto::limits::MAX_WORLD_SIZE + 1 {
+        bail!("the assignment lists {} content sources", i.sources.len());
+    }
+    Ok(Inputs {
+        dataset: bundle(i.dataset.context("the assignment names no dataset")?, "the dataset")?,
+        model: i.model.map(|m| bundle(m, "the model")).transpose()?,
+        sources: i.sources,
     })
 }
 

@@ -20,6 +20,7 @@
 //! threads of their own, at most [`MAX_HANDSHAKES`] at once, so slow strangers cannot stall the
 //! accept loop. The hello and the tensors that follow are not encrypted: the LAN sees them.
 
+use super::fetch::FileServer;
 use anyhow::{Context, bail};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -91,13 +92,18 @@ struct Pending {
 }
 
 type Admitted = Arc<Mutex<HashMap<(JobId, u64), Secret>>>;
+type Files = Arc<Mutex<Option<Arc<FileServer>>>>;
 
-/// The listener, the secrets of the job attempts it admits, and the table of connections
-/// waiting to be claimed.
+/// Fetch sessions served at once; a fetcher beyond them tries its next source.
+pub const MAX_FETCH_SESSIONS: usize = 16;
+
+/// The listener, the secrets of the job attempts it admits, the table of connections
+/// waiting to be claimed, and the files it serves (`comm::fetch`).
 pub struct DataPlane {
     addr: SocketAddr,
     pending: Arc<(Mutex<Pending>, Condvar)>,
     admitted: Admitted,
+    files: Files,
 }
 
 /// While it lives, peers holding the job attempt's secret may connect ([`DataPlane::admit`]).
@@ -120,9 +126,15 @@ impl DataPlane {
     pub fn bind(listen: &str) -> anyhow::Result<DataPlane> {
         let listener =
             TcpListener::bind(listen).with_context(|| format!("binding the data-plane listener on {listen}"))?;
-        let dp = DataPlane { addr: listener.local_addr()?, pending: Arc::default(), admitted: Arc::default() };
-        let (table, admitted) = (dp.pending.clone(), dp.admitted.clone());
+        let dp = DataPlane {
+            addr: listener.local_addr()?,
+            pending: Arc::default(),
+            admitted: Arc::default(),
+            files: Arc::default(),
+        };
+        let (table, admitted, files) = (dp.pending.clone(), dp.admitted.clone(), dp.files.clone());
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let fetching = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new().name("dataplane-accept".into()).spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
@@ -132,14 +144,33 @@ impl DataPlane {
                     continue;
                 }
                 let (table, admitted, in_flight) = (table.clone(), admitted.clone(), in_flight.clone());
+                let (files, fetching) = (files.clone(), fetching.clone());
                 let spawned = std::thread::Builder::new().name("dataplane-hello".into()).spawn(move || {
                     let peer = conn.peer_addr().ok();
-                    match handshake(conn, &admitted) {
-                        Ok((hello, conn)) => {
-                            if let Err(e) = admit_connection(&table, hello, conn) {
-                                tracing::warn!(?peer, ?hello, "refused a data-plane connection: {e:#}");
+                    match first_bytes(conn) {
+                        Ok((first, conn)) if is_fetch(&first) => {
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            let server = files.lock().expect("files lock").clone();
+                            let Some(server) = server else {
+                                tracing::warn!(?peer, "refused a fetch: this data plane serves no files");
+                                return;
+                            };
+                            if fetching.fetch_add(1, Ordering::SeqCst) >= MAX_FETCH_SESSIONS {
+                                tracing::warn!(?peer, "refused a fetch: {MAX_FETCH_SESSIONS} already in progress");
+                            } else if let Err(e) = super::fetch::serve(conn, &first, &server) {
+                                tracing::warn!(?peer, "fetch ended: {e:#}");
                             }
+                            fetching.fetch_sub(1, Ordering::SeqCst);
+                            return;
                         }
+                        Ok((first, conn)) => match handshake(conn, &first, &admitted) {
+                            Ok((hello, conn)) => {
+                                if let Err(e) = admit_connection(&table, hello, conn) {
+                                    tracing::warn!(?peer, ?hello, "refused a data-plane connection: {e:#}");
+                                }
+                            }
+                            Err(e) => tracing::warn!(?peer, "refused a data-plane connection: {e:#}"),
+                        },
                         Err(e) => tracing::warn!(?peer, "refused a data-plane connection: {e:#}"),
                     }
                     in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -154,6 +185,11 @@ impl DataPlane {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Serves `server`'s files to fetchers that hold its secret, from now on.
+    pub fn serve_files(&self, server: Arc<FileServer>) {
+        *self.files.lock().expect("files lock") = Some(server);
     }
 
     /// Lets peers that hold `secret` connect for `job`'s `attempt` until the returned value is
@@ -235,12 +271,26 @@ fn dial(addr: &str, hello: Hello, secret: &Secret) -> anyhow::Result<TcpStream> 
     Ok(s)
 }
 
-/// The listener's side of the challenge: the proven hello and the connection.
-fn handshake(mut conn: TcpStream, admitted: &Admitted) -> anyhow::Result<(Hello, TcpStream)> {
+/// A connection's hello and nonce, read within [`HANDSHAKE_TIMEOUT`] (which stays set for the
+/// rest of the challenge).
+fn first_bytes(mut conn: TcpStream) -> anyhow::Result<([u8; HELLO_BYTES + NONCE_BYTES], TcpStream)> {
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut first = [0u8; HELLO_BYTES + NONCE_BYTES];
     conn.read_exact(&mut first).context("no complete hello")?;
+    Ok((first, conn))
+}
+
+fn is_fetch(first: &[u8; HELLO_BYTES + NONCE_BYTES]) -> bool {
+    u32::from_le_bytes(first[0..4].try_into().expect("4 bytes")) == super::fetch::FETCH_MAGIC
+}
+
+/// The listener's side of the challenge: the proven hello and the connection.
+fn handshake(
+    mut conn: TcpStream,
+    first: &[u8; HELLO_BYTES + NONCE_BYTES],
+    admitted: &Admitted,
+) -> anyhow::Result<(Hello, TcpStream)> {
     let h: [u8; HELLO_BYTES] = first[..HELLO_BYTES].try_into().expect("32 bytes");
     let hello = Hello::decode(&h)?;
     let secret = admitted.lock().expect("admitted lock").get(&(hello.job, hello.attempt)).copied();

@@ -26,7 +26,7 @@ use swarm_sharding::{JobId, Peer, Rank};
 
 /// Messages a sender may have queued before `send` blocks.
 pub const QUEUE: usize = 2;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+use super::ring::CONNECT_TIMEOUT;
 /// The longest wait for one message, a last resort: a dead peer's socket errors long before
 /// this, and a silent one is found by the coordinator (lost lease), which cancels the job and
 /// closes these sockets. It must outlast legitimate waits, such as a peer writing a large
@@ -63,12 +63,15 @@ impl Link {
         what: String,
         aborter: &Aborter,
     ) -> anyhow::Result<Link> {
-        let stream = if me.0 < peer.rank.0 {
-            dp.connect(&peer.data_addr, Hello { job, attempt, from: me, channel }, CONNECT_TIMEOUT)
-        } else {
-            dp.accept_from(Hello { job, attempt, from: peer.rank, channel }, CONNECT_TIMEOUT)
-        }
-        .with_context(|| format!("linking to {what}"))?;
+        let stream = aborter
+            .wait_for(CONNECT_TIMEOUT, |t| {
+                if me.0 < peer.rank.0 {
+                    dp.connect(&peer.data_addr, Hello { job, attempt, from: me, channel }, t)
+                } else {
+                    dp.accept_from(Hello { job, attempt, from: peer.rank, channel }, t)
+                }
+            })
+            .with_context(|| format!("linking to {what}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;

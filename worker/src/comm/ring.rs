@@ -15,17 +15,21 @@ use std::time::Duration;
 use swarm_sharding::plan::shard_range;
 use swarm_sharding::{JobId, Peer, Rank};
 
-/// How long a peer may take to connect when a job starts.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a peer may take to connect when a job starts. Long, because a rank connects only
+/// after it has fetched the job's dataset and model (a 70B model over 1 GbE takes about 20
+/// minutes); a peer that died meanwhile is found by the coordinator (lost lease), which
+/// cancels the job and so ends the wait ([`Aborter`]).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The longest wait for one message, a last resort: a dead peer's socket errors long before
 /// this, and a silent one is found by the coordinator (lost lease), which cancels the job and
 /// closes these sockets. It must outlast legitimate waits, such as a peer writing a large
 /// model's checkpoint before the next step.
 const IO_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Closes a ring's sockets from another thread, so a cancelled job stops at once.
+/// Closes a ring's sockets from another thread, so a cancelled job stops at once, and ends
+/// the waits for peers to connect ([`Aborter::wait_for`]).
 #[derive(Clone, Default)]
-pub struct Aborter(Arc<Mutex<Vec<TcpStream>>>);
+pub struct Aborter(Arc<Mutex<Vec<TcpStream>>>, Arc<std::sync::atomic::AtomicBool>);
 
 impl Aborter {
     /// Registers a socket to close on abort.
@@ -34,8 +38,28 @@ impl Aborter {
     }
 
     pub fn abort(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
         for s in self.0.lock().expect("aborter lock").iter() {
             let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Calls `attempt` (which waits at most the slice it is given) until it succeeds, `total`
+    /// has passed (its last error), or the job is aborted.
+    pub fn wait_for<T>(
+        &self,
+        total: Duration,
+        mut attempt: impl FnMut(Duration) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = std::time::Instant::now() + total;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match attempt(left.min(Duration::from_secs(1))) {
+                Ok(t) => return Ok(t),
+                Err(e) if left.is_zero() => return Err(e),
+                Err(_) if self.1.load(std::sync::atomic::Ordering::SeqCst) => anyhow::bail!("the job was cancelled"),
+                Err(_) => {}
+            }
         }
     }
 }
@@ -99,11 +123,13 @@ impl Ring {
         if world == 1 {
             return Ok(ring);
         }
-        let next = dp
-            .connect(&next_p.data_addr, Hello { job, attempt, from: rank, channel }, CONNECT_TIMEOUT)
+        let next = aborter
+            .wait_for(CONNECT_TIMEOUT, |t| {
+                dp.connect(&next_p.data_addr, Hello { job, attempt, from: rank, channel }, t)
+            })
             .with_context(|| format!("connecting to {}", ring.next_peer))?;
-        let prev = dp
-            .accept_from(Hello { job, attempt, from: prev_p.rank, channel }, CONNECT_TIMEOUT)
+        let prev = aborter
+            .wait_for(CONNECT_TIMEOUT, |t| dp.accept_from(Hello { job, attempt, from: prev_p.rank, channel }, t))
             .with_context(|| format!("waiting for {}", ring.prev_peer))?;
         for s in [&next, &prev] {
             s.set_nodelay(true)?;

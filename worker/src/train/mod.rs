@@ -11,6 +11,7 @@
 
 use crate::checkpoint::{self, RankShard};
 use crate::comm::dataplane::DataPlane;
+use crate::comm::fetch::{Fetcher, Source, Want};
 use crate::comm::ring::{Aborter, Ring};
 use crate::data::{Dataset, SampleOrder, sample_rows};
 #[cfg(feature = "cuda")]
@@ -27,8 +28,7 @@ use std::time::Instant;
 mod pipeline;
 mod zero3;
 use swarm_kernels::{AdamW, adamw_step};
-use swarm_sharding::job::step_dir_name;
-use swarm_sharding::{Assignment, Manifest, Precision, ShardFile, Step, WorkerId};
+use swarm_sharding::{Assignment, Manifest, Precision, Rank, ShardFile, Step, WorkerId};
 
 /// Gradient values per all-reduce bucket on CUDA: 32 Mi values (64 MiB of bf16), about half a
 /// transformer layer of Llama-3.2-1B (61M values). Big enough for NCCL to reach its bandwidth, small enough
@@ -40,7 +40,16 @@ const GRAD_BUCKET_ELEMS: usize = 32 << 20;
 #[derive(Clone, Debug)]
 pub enum Report {
     Step(StepStats),
-    Checkpoint { step: Step, dir: PathBuf, files: Vec<ShardFile>, rng_state: String, data_cursor: u64 },
+    Checkpoint {
+        step: Step,
+        /// The step directory, relative to the worker's state directory.
+        dir: String,
+        files: Vec<ShardFile>,
+        /// Other ranks' files copied into the same directory.
+        replicas: Vec<(Rank, Vec<ShardFile>)>,
+        rng_state: String,
+        data_cursor: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -68,6 +77,14 @@ pub struct TrainContext {
     pub aborter: Aborter,
     /// Which device to train on (`auto`, `cpu`, `cuda`, `cuda:N`).
     pub device: String,
+    /// The worker's own directory: checkpoints are written under it.
+    pub state_dir: PathBuf,
+    /// Copies neighbours' checkpoint files (replicas).
+    pub fetcher: Fetcher,
+    /// Each rank's data-plane address, in rank order, and this attempt.
+    pub peer_addrs: Vec<String>,
+    pub attempt: u64,
+    pub job: swarm_sharding::JobId,
 }
 
 /// Peak resident memory of this process (VmHWM), 0 where unknown.
@@ -282,11 +299,90 @@ fn write_checkpoint(
     shard: &RankShard<'_>,
 ) -> anyhow::Result<()> {
     let spec = recipe.spec().context("the recipe's model shape is not resolved")?;
-    let dir = recipe.checkpoint.dir.join(step_dir_name(step));
+    let rel = crate::content::step_rel_dir(&recipe.name, step);
+    let dir = ctx.state_dir.join(&rel);
+    // Whatever an earlier run of this recipe left at this step goes first.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
     let files = checkpoint::write_rank(&dir, spec, &dataset.tokenizer_path(), shard)?;
+    let listing =
+        checkpoint::Listing { job: ctx.job.0, attempt: ctx.attempt, rank: shard.rank.0, files: files.clone() };
+    listing.write(&dir)?;
+    let replicas = copy_replicas(ctx, &rel, shard.rank, recipe.checkpoint.replicas_for(shard.world as usize))?;
+    prune_own_checkpoints(&ctx.state_dir, &recipe.name, recipe.checkpoint.keep);
     let rng_state =
         format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", recipe.train.seed);
-    (ctx.report)(Report::Checkpoint { step, dir, files, rng_state, data_cursor: cursor })
+    (ctx.report)(Report::Checkpoint { step, dir: rel, files, replicas, rng_state, data_cursor: cursor })
+}
+
+/// How long a rank waits for a neighbour to finish writing its checkpoint files.
+const REPLICA_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Copies the checkpoint files of the next `replicas - 1` ranks (in ring order) from their
+/// workers into `rel` here, each verified against the listing its writer left.
+fn copy_replicas(
+    ctx: &TrainContext,
+    rel: &str,
+    rank: Rank,
+    replicas: usize,
+) -> anyhow::Result<Vec<(Rank, Vec<ShardFile>)>> {
+    let world = ctx.peer_addrs.len();
+    let mut out = Vec::new();
+    for k in 1..replicas.min(world) {
+        let of = Rank(((rank.0 as usize + k) % world) as u32);
+        let addr = &ctx.peer_addrs[of.0 as usize];
+        let listing_path = format!("{rel}/{}", checkpoint::Listing::file_name(of));
+        let deadline = Instant::now() + REPLICA_WAIT;
+        let listing = loop {
+            if ctx.cancel.load(Ordering::Relaxed) {
+                bail!("cancelled while copying {of}'s checkpoint files");
+            }
+            let got = ctx.fetcher.get_small(addr, &listing_path, checkpoint::Listing::MAX_BYTES);
+            if let Ok(Some(bytes)) = &got
+                && let Ok(l) = serde_json::from_slice::<checkpoint::Listing>(bytes)
+                && (l.job, l.attempt, l.rank) == (ctx.job.0, ctx.attempt, of.0)
+            {
+                break l;
+            }
+            if Instant::now() >= deadline {
+                bail!("{of} (at {addr}) did not list its checkpoint files in {rel} within {REPLICA_WAIT:?}: {got:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        for f in &listing.files {
+            if !swarm_sharding::content::valid_file_name(&f.path) {
+                bail!("{of} listed {:?}, not a plain file name", f.path);
+            }
+            let from = [Source::new(addr.clone(), format!("{rel}/{}", f.path))];
+            let dest = ctx.state_dir.join(rel).join(&f.path);
+            ctx.fetcher
+                .fetch(&from, &Want { sha256: &f.sha256, bytes: f.bytes }, &dest, &ctx.cancel)
+                .with_context(|| format!("copying {of}'s checkpoint file {} as a replica", f.path))?;
+        }
+        out.push((of, listing.files));
+    }
+    Ok(out)
+}
+
+/// Deletes this worker's step directories of recipe `name` beyond the newest `keep + 1` (the
+/// newest may not be committed yet); `keep` 0 keeps all.
+fn prune_own_checkpoints(state: &Path, name: &str, keep: usize) {
+    if keep == 0 {
+        return;
+    }
+    let root = state.join(crate::content::CHECKPOINTS_DIR).join(name);
+    let Ok(entries) = std::fs::read_dir(&root) else { return };
+    let mut steps: Vec<(Step, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((swarm_sharding::job::parse_step_dir_name(e.file_name().to_str()?)?, e.path())))
+        .collect();
+    steps.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+    for (_, dir) in steps.into_iter().skip(keep + 1) {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), "could not delete an old checkpoint: {e}");
+        }
+    }
 }
 
 fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
