@@ -44,9 +44,12 @@ pub fn step_rel_dir(name: &str, step: Step) -> String {
 
 /// Files of a Hugging Face model directory that training reads: the config, the safetensors
 /// weights and their index, the tokenizer. Other formats of the same weights (`.bin`, `.pth`,
-/// `.gguf`) and subdirectories stay on the submitter's machine.
+/// `.gguf`), subdirectories, and the optimizer state and records of a Swarm checkpoint used as
+/// a starting model stay on the submitter's machine.
 pub fn is_model_file(name: &str) -> bool {
-    [".json", ".safetensors", ".model", ".txt", ".jinja"].iter().any(|ext| name.ends_with(ext))
+    let swarm_checkpoint_extra = name.starts_with("optim-rank") || name.starts_with("rank-") || name == Manifest::FILE;
+    !swarm_checkpoint_extra
+        && [".json", ".safetensors", ".model", ".txt", ".jinja"].iter().any(|ext| name.ends_with(ext))
 }
 
 /// The bundle of files in `dir` that `keep` accepts (plain, non-hidden names), hashed. Hashes
@@ -196,6 +199,8 @@ mod tests {
         std::fs::write(d.path().join("model.safetensors"), b"weights").unwrap();
         std::fs::write(d.path().join("pytorch_model.bin"), b"the same weights again").unwrap();
         std::fs::write(d.path().join(".gitattributes"), b"x").unwrap();
+        std::fs::write(d.path().join("optim-rank00000-of-00001.safetensors"), b"moments").unwrap();
+        std::fs::write(d.path().join("manifest.json"), b"{}").unwrap();
         std::fs::create_dir(d.path().join("original")).unwrap();
         let cache_path = d.path().join("cache/hashes.json");
         let mut cache = HashCache::open(cache_path.clone());
