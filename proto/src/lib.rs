@@ -1,12 +1,14 @@
 //! Swarm's wire contract (`proto/swarm/v1/swarm.proto`), generated at build time with protox.
 //!
-//! Architecture invariant: this crate holds only generated types, the size limits below and
-//! [`trust`] (tokens, the pinned TLS verifier, bearer metadata, the MAC the data plane uses).
+//! Architecture invariant: this crate holds only generated types, the size limits below,
+//! [`trust`] (tokens, the pinned TLS verifier, bearer metadata, the MAC the data plane uses) and
+//! [`discovery`] (finding the coordinator on the LAN by mDNS).
 //! Conversions to domain types live in one place per side (`coordinator::to_proto`,
 //! `worker::proto_conv`), so the planner and the state machine never see these types.
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
+pub mod discovery;
 pub mod trust;
 
 pub mod v1 {

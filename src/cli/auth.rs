@@ -44,6 +44,6 @@ pub fn require_admin_token(given: Option<&str>, coordinator: Option<&str>) -> an
 
 /// A client presenting the admin secret to the first of the token's addresses that answers.
 pub async fn admin_client(token: &Token) -> anyhow::Result<Client> {
-    let (channel, _) = trust::connect_channel(&token.addrs, token.pin).await?;
+    let (channel, _) = swarm_proto::discovery::connect(&token.addrs, token.pin).await?;
     Ok(trust::client(channel, &token.secret))
 }

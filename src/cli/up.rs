@@ -23,6 +23,10 @@ pub struct UpArgs {
     /// A worker not heard from for this long is lost.
     #[arg(long, default_value_t = 6000)]
     pub lease_ms: u64,
+    /// Do not advertise this coordinator on the LAN by mDNS (workers then need the addresses
+    /// in their token to answer).
+    #[arg(long)]
+    pub no_mdns: bool,
     /// Exit when this process id is gone (used by the embedded local cluster).
     #[arg(long, hide = true)]
     pub exit_with_parent: Option<u32>,
@@ -73,6 +77,27 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         identity.dir.join(ClusterIdentity::ADMIN_TOKEN).display()
     );
     let _ = writeln!(out, "  train:  swarm train --nodes N --recipe RECIPE.yaml");
+    // Found by workers whose token's addresses no longer answer (a new DHCP lease).
+    let lan_ips: Vec<IpAddr> = addrs
+        .iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    let _advertised = if a.no_mdns || lan_ips.is_empty() {
+        None
+    } else {
+        match swarm_proto::discovery::advertise(&identity.pin(), &lan_ips, addr.port()) {
+            Ok(ad) => {
+                let _ = writeln!(out, "  lan:    advertised by mDNS ({})", swarm_proto::discovery::SERVICE_TYPE);
+                Some(ad)
+            }
+            Err(e) => {
+                tracing::warn!("not advertised on the LAN: {e}; workers need the addresses in their token");
+                None
+            }
+        }
+    };
     let _ = out.flush();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&identity.server_chain_pem, &identity.server_key_pem))

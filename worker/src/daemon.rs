@@ -58,7 +58,7 @@ async fn join(
     devices: &[swarm_sharding::DeviceInfo],
     data_addr: &str,
 ) -> anyhow::Result<(Client, pb::RegisterWorkerResponse, Secret)> {
-    let (channel, _) = trust::connect_channel(&opts.join.addrs, opts.join.pin).await?;
+    let (channel, _) = swarm_proto::discovery::connect(&opts.join.addrs, opts.join.pin).await?;
     let reg = trust::client(channel.clone(), &opts.join.secret)
         .register_worker(pb::RegisterWorkerRequest {
             name: opts.name.clone(),
@@ -369,7 +369,14 @@ async fn start_job(client: Client, worker: WorkerId, job: JobToRun, env: JobEnv,
 /// Fetches what the assignment reads into this worker's state directory (the dataset, the
 /// starting model, the checkpoint to resume from) and points the assignment at the copies.
 fn fetch_inputs(a: &mut Assignment, env: &JobEnv, cancel: &AtomicBool) -> anyhow::Result<()> {
-    let sources: Vec<String> = a.inputs.sources.iter().filter(|s| **s != env.data_addr).cloned().collect();
+    // A chain: rank r fetches from rank r-1 (which relays what it receives), rank 0 from the
+    // submitter; the others are fallbacks.
+    let mut sources = a.inputs.sources.clone();
+    if let Some(up) = (a.rank.0 as usize).checked_sub(1).and_then(|r| a.peers.get(r)) {
+        sources.retain(|s| *s != up.data_addr);
+        sources.insert(0, up.data_addr.clone());
+    }
+    sources.retain(|s| *s != env.data_addr);
     let state = &env.state_dir;
     let data = &a.inputs.dataset;
     a.recipe.data.dataset = content::materialize(state, data, &sources, &env.fetcher, "the dataset", cancel)?;

@@ -6,9 +6,12 @@
 //! its own magic, and runs the same mutual challenge over the cluster's fetch secret: every
 //! worker receives it when it joins, and an admin client (the submitter, `swarm checkpoint
 //! pull`) asks the coordinator for it. Then, any number of times:
-//! - dialer: `GET` (1 byte), the path's length (u16 LE), the path, the offset (u64 LE);
+//! - dialer: `GET` (1 byte), the path's length (u16 LE), the path, the offset (u64 LE), the
+//!   length it expects (u64 LE; 0 when unknown);
 //! - listener: a status byte (0: found, 1: not here) and, when found, the file's length (u64
-//!   LE) followed by its bytes from the offset.
+//!   LE) followed by its bytes from the offset. A file the listener is itself still fetching is
+//!   sent as it arrives ([`open_served`]): a job's workers fetch a bundle along a chain (rank r
+//!   from rank r-1, rank 0 from the submitter), so every link carries it once, at line rate.
 //!
 //! A listener serves only what its resolver maps a path to (a worker: files under the
 //! `content/` and `checkpoints/` folders of its state directory; a submitter: the files it
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 use swarm_proto::trust::{Secret, ct_eq, mac};
 
 pub(crate) const FETCH_MAGIC: u32 = 0x5357_5246; // "SWRF"
-const FETCH_VERSION: u32 = 1;
+const FETCH_VERSION: u32 = 2;
 const OP_GET: u8 = 1;
 const FOUND: u8 = 0;
 const NOT_HERE: u8 = 1;
@@ -133,12 +136,12 @@ pub(crate) fn serve(mut conn: TcpStream, first: &[u8; 64], server: &FileServer) 
         let mut offset = [0u8; 8];
         conn.read_exact(&mut offset)?;
         let offset = u64::from_le_bytes(offset);
-        let file = std::str::from_utf8(&path).ok().and_then(|p| (server.resolve)(p)).and_then(|p| {
-            let f = std::fs::File::open(p).ok()?;
-            let len = f.metadata().ok().filter(|m| m.is_file())?.len();
-            (offset <= len).then_some((f, len))
-        });
-        let Some((mut f, total)) = file else {
+        let mut want = [0u8; 8];
+        conn.read_exact(&mut want)?;
+        let want = u64::from_le_bytes(want);
+        let file =
+            std::str::from_utf8(&path).ok().and_then(|p| (server.resolve)(p)).and_then(|p| open_served(&p, want));
+        let Some((mut f, total, growing)) = file.filter(|(_, total, _)| offset <= *total) else {
             conn.write_all(&[NOT_HERE])?;
             continue;
         };
@@ -148,15 +151,48 @@ pub(crate) fn serve(mut conn: TcpStream, first: &[u8; 64], server: &FileServer) 
         conn.write_all(&total.to_le_bytes())?;
         let mut buf = vec![0u8; CHUNK];
         let mut left = total - offset;
+        let mut idle_since = Instant::now();
         while left > 0 {
             let n = f.read(&mut buf[..CHUNK.min(left as usize)])?;
             if n == 0 {
-                bail!("the file shrank while it was being sent");
+                // A file this host is still fetching: wait for its next bytes.
+                if !growing || idle_since.elapsed() > IO_TIMEOUT {
+                    bail!("the file stopped with {left} bytes to go");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
             }
+            idle_since = Instant::now();
             conn.write_all(&buf[..n])?;
             server.sent.fetch_add(n as u64, Ordering::Relaxed);
             left -= n as u64;
         }
+    }
+}
+
+/// How long a request waits for a file this host has not started fetching yet.
+const PART_WAIT: Duration = Duration::from_secs(10);
+
+/// The file that answers a request for `path`: the complete file, with its length; or, while
+/// this host is still fetching it, its partial download, with the length the requester expects
+/// (`want`), to be sent as it grows (so a job's workers relay a bundle along a chain, each
+/// link at line rate, instead of all pulling it from the submitter).
+fn open_served(path: &Path, want: u64) -> Option<(std::fs::File, u64, bool)> {
+    let deadline = Instant::now() + PART_WAIT;
+    loop {
+        if let Ok(f) = std::fs::File::open(path)
+            && let Ok(m) = f.metadata()
+            && m.is_file()
+        {
+            return Some((f, m.len(), false));
+        }
+        if let Ok(f) = std::fs::File::open(part_path(path)) {
+            return (want > 0).then_some((f, want, true));
+        }
+        if Instant::now() >= deadline || want == 0 {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -186,8 +222,9 @@ fn connect(addr: &str, secret: &Secret) -> anyhow::Result<TcpStream> {
     Ok(s)
 }
 
-/// Sends a `GET` of `path` from `offset`; the file's length when the peer has it.
-fn request(s: &mut TcpStream, path: &str, offset: u64) -> anyhow::Result<Option<u64>> {
+/// Sends a `GET` of `path` from `offset` (of a file of `want` bytes; 0: unknown, only a
+/// complete file will do); the file's length when the peer has it.
+fn request(s: &mut TcpStream, path: &str, offset: u64, want: u64) -> anyhow::Result<Option<u64>> {
     let path_bytes = path.as_bytes();
     if path_bytes.len() > MAX_PATH {
         bail!("{path}: longer than {MAX_PATH} bytes");
@@ -196,6 +233,7 @@ fn request(s: &mut TcpStream, path: &str, offset: u64) -> anyhow::Result<Option<
     req.extend_from_slice(&(path_bytes.len() as u16).to_le_bytes());
     req.extend_from_slice(path_bytes);
     req.extend_from_slice(&offset.to_le_bytes());
+    req.extend_from_slice(&want.to_le_bytes());
     s.write_all(&req)?;
     let mut status = [0u8; 1];
     s.read_exact(&mut status)?;
@@ -299,7 +337,7 @@ impl Fetcher {
     /// entries are then fetched by hash); `None` when the peer does not have it (yet).
     pub fn get_small(&self, addr: &str, path: &str, max: u64) -> anyhow::Result<Option<Vec<u8>>> {
         let mut s = connect(addr, &self.secret)?;
-        let total = match request(&mut s, path, 0)? {
+        let total = match request(&mut s, path, 0, 0)? {
             None => return Ok(None),
             Some(t) => t,
         };
@@ -326,7 +364,7 @@ impl Fetcher {
             (hash, have) = (Sha256::new(), 0);
         }
         let mut s = connect(source, &self.secret)?;
-        let Some(total) = request(&mut s, path, have)? else { bail!("not there") };
+        let Some(total) = request(&mut s, path, have, want.bytes)? else { bail!("not there") };
         if total != want.bytes {
             bail!("it has {total} bytes, not the {} asked for", want.bytes);
         }
@@ -429,6 +467,38 @@ mod tests {
         // Already there: nothing is sent again.
         f.fetch(&sources, &want, &dest, &no).unwrap();
         assert_eq!(server.bytes_sent(), 2_000_000);
+    }
+
+    /// A host still fetching a file serves it as it grows: the next host in the chain gets
+    /// every byte (verified) without waiting for the first to finish.
+    #[test]
+    fn a_file_being_fetched_is_relayed_as_it_arrives() {
+        let root = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..4_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let dir = root.path().join("content/b2");
+        std::fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join("tokens.bin");
+        std::fs::write(part_path(&dest), &data[..1_500_000]).unwrap();
+        let (dp, server) = serving(root.path(), Secret([9; 32]));
+        let rest = data[1_500_000..].to_vec();
+        let (part, fin) = (part_path(&dest), dest.clone());
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut f = std::fs::OpenOptions::new().append(true).open(&part).unwrap();
+            for c in rest.chunks(500_000) {
+                f.write_all(c).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::fs::rename(&part, &fin).unwrap();
+        });
+        let out = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(Secret([9; 32]));
+        let want = Want { sha256: &sha(&data), bytes: data.len() as u64 };
+        let from = [Source::new(dp.local_addr().to_string(), "content/b2/tokens.bin")];
+        f.fetch(&from, &want, &out.path().join("tokens.bin"), &AtomicBool::new(false)).unwrap();
+        writer.join().unwrap();
+        assert_eq!(std::fs::read(out.path().join("tokens.bin")).unwrap(), data);
+        assert_eq!(server.bytes_sent(), data.len() as u64);
     }
 
     #[test]
