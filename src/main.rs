@@ -62,6 +62,9 @@ enum BenchCommand {
     Train(cli::bench::BenchTrainArgs),
     /// Time, bandwidth and peak memory of the fused kernels on one device.
     Kernels(cli::bench_kernels::BenchKernelsArgs),
+    /// This machine as a LAN of network namespaces (needs root): a dataset sent to the workers
+    /// against line rate, and tokens/s against a baseline build.
+    Lan(cli::bench_lan::BenchLanArgs),
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -108,6 +111,7 @@ fn main() -> std::process::ExitCode {
             Command::Checkpoint { command } => cli::checkpoint::run(command).await,
             Command::Bench { command: BenchCommand::Train(a) } => cli::bench::run(a).await,
             Command::Bench { command: BenchCommand::Kernels(a) } => cli::bench_kernels::run(a),
+            Command::Bench { command: BenchCommand::Lan(a) } => cli::bench_lan::run(a).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod bench;
 pub mod bench_kernels;
+pub mod bench_lan;
 pub mod checkpoint;
 pub mod content;
 pub mod data;
