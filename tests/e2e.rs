@@ -721,3 +721,60 @@ fn resume_on_another_worker_count_reshards_the_optimizer_state() {
     assert_eq!(runs[0].len(), 5);
     assert_close(&runs[0], &runs[1], LOSS_RTOL, "resumed on 1 vs 2 workers");
 }
+
+/// A Hugging Face model sharded in two files (the embedding and layer 0; layer 1, the norm and
+/// the head): with 2 pipeline stages each worker fetches only the file its stage's tensors are
+/// in, and the run computes the same bits as one worker starting from the same files.
+#[test]
+fn pipeline_stages_fetch_only_their_weight_files() {
+    let (ck1, _) = uninterrupted(1);
+    let src = ck1.join(format!("step-{STEPS:06}"));
+    let model = scratch().join("sharded-model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (a, b) = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors");
+    let mut map = serde_json::Map::new();
+    let mut files: [Vec<(String, safetensors::tensor::TensorView)>; 2] = [Vec::new(), Vec::new()];
+    for (name, t) in st.tensors() {
+        let first = name == "model.embed_tokens.weight" || name.starts_with("model.layers.0.");
+        map.insert(name.clone(), Value::from(if first { a } else { b }));
+        files[usize::from(!first)].push((name, t));
+    }
+    for (file, tensors) in [a, b].iter().zip(files) {
+        safetensors::serialize_to_file(tensors, None, &model.join(file)).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(model.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let from_model = |name: &str, parallel: &str| {
+        let r = parallel_recipe(name, parallel, "");
+        let yaml = std::fs::read_to_string(&r).unwrap();
+        let line = yaml.lines().find(|l| l.starts_with("model:")).unwrap().to_string();
+        std::fs::write(&r, yaml.replace(&line, &format!("model: {{ hf_dir: {} }}", model.display()))).unwrap();
+        let v = train_json(&r, if parallel.contains("pipeline") { 2 } else { 1 }, false);
+        (r.parent().unwrap().join("ck"), v)
+    };
+    let pp = from_model("sharded-pp2", "pipeline_stages: 2, micro_batch_rows: [2]");
+    let one = from_model("sharded-1", "micro_batch_rows: [2]");
+    identical_runs("2 stages vs 1 worker from a sharded model", &pp, &one);
+    // What each worker of the pipeline holds of the model.
+    let mut held: Vec<Vec<String>> = (0..2)
+        .map(|w| {
+            let content = pp.0.join(format!("workers/local-{w}/content"));
+            let mut names: Vec<String> = std::fs::read_dir(&content)
+                .unwrap()
+                .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+                .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("model-"))
+                .collect();
+            names.sort();
+            names
+        })
+        .collect();
+    held.sort();
+    assert_eq!(held, [vec![a.to_string()], vec![b.to_string()]], "each stage fetched only its own weight file");
+}

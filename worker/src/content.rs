@@ -123,11 +123,13 @@ impl HashCache {
     }
 }
 
-/// Makes `<state>/content/<id>/` hold every file of `bundle`, fetching what is missing from
-/// `sources` (data-plane addresses; each serves it as `content/<id>/NAME`); returns the folder.
+/// Makes `<state>/content/<id>/` hold the files of `bundle` that `only` accepts, fetching what
+/// is missing from `sources` (data-plane addresses; each serves it as `content/<id>/NAME`);
+/// returns the folder.
 pub fn materialize(
     state: &Path,
     bundle: &Bundle,
+    only: impl Fn(&str) -> bool,
     sources: &[String],
     fetcher: &Fetcher,
     what: &str,
@@ -135,7 +137,8 @@ pub fn materialize(
 ) -> anyhow::Result<PathBuf> {
     let rel = bundle_rel_dir(bundle);
     let dir = state.join(&rel);
-    let missing: Vec<&ContentFile> = bundle.files.iter().filter(|f| !dir.join(&f.name).is_file()).collect();
+    let missing: Vec<&ContentFile> =
+        bundle.files.iter().filter(|f| only(&f.name) && !dir.join(&f.name).is_file()).collect();
     if missing.is_empty() {
         return Ok(dir);
     }

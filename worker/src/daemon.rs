@@ -369,20 +369,13 @@ async fn start_job(client: Client, worker: WorkerId, job: JobToRun, env: JobEnv,
 /// Fetches what the assignment reads into this worker's state directory (the dataset, the
 /// starting model, the checkpoint to resume from) and points the assignment at the copies.
 fn fetch_inputs(a: &mut Assignment, env: &JobEnv, cancel: &AtomicBool) -> anyhow::Result<()> {
-    // A chain: rank r fetches from rank r-1 (which relays what it receives), rank 0 from the
-    // submitter; the others are fallbacks.
-    let mut sources = a.inputs.sources.clone();
-    if let Some(up) = (a.rank.0 as usize).checked_sub(1).and_then(|r| a.peers.get(r)) {
-        sources.retain(|s| *s != up.data_addr);
-        sources.insert(0, up.data_addr.clone());
-    }
-    sources.retain(|s| *s != env.data_addr);
+    let sources = chain_sources(a, &env.data_addr);
     let state = &env.state_dir;
     let data = &a.inputs.dataset;
-    a.recipe.data.dataset = content::materialize(state, data, &sources, &env.fetcher, "the dataset", cancel)?;
+    a.recipe.data.dataset = content::materialize(state, data, |_| true, &sources, &env.fetcher, "the dataset", cancel)?;
     match (&a.inputs.model, &a.recipe.model.hf_dir) {
         (Some(m), _) => {
-            let dir = content::materialize(state, m, &sources, &env.fetcher, "the model", cancel)?;
+            let dir = fetch_model(a, m, &sources, env, cancel)?;
             a.recipe.model.hf_dir = Some(dir);
         }
         (None, Some(d)) => anyhow::bail!(
@@ -418,4 +411,47 @@ fn lock_state_dir(state: &std::path::Path) -> anyhow::Result<std::fs::File> {
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", p.display())),
     }
+}
+
+/// Where this rank fetches a job's bundles from, in order: the previous replica of its pipeline
+/// stage (which relays what it receives; rank r-1 without stages), else the submitter first;
+/// the job's other workers after. Never itself.
+fn chain_sources(a: &Assignment, me: &str) -> Vec<String> {
+    let mut sources = a.inputs.sources.clone();
+    let world = a.world_size as usize;
+    let up = a.recipe.stage_layout(world).ok().and_then(|l| {
+        let rank = a.rank.0 as usize;
+        let (stage, replica) = (l.stage_of(rank), l.replica_of(rank));
+        replica.checked_sub(1).map(|r| l.rank(stage, r))
+    });
+    if let Some(up) = up.and_then(|r| a.peers.get(r)) {
+        sources.retain(|s| *s != up.data_addr);
+        sources.insert(0, up.data_addr.clone());
+    }
+    sources.retain(|s| s != me);
+    sources
+}
+
+/// The starting model's files this rank needs: all of them, or, for a pipeline stage of a
+/// sharded model, the index and the other small files first, then only the weight files that
+/// hold the stage's tensors.
+fn fetch_model(
+    a: &Assignment,
+    m: &swarm_sharding::Bundle,
+    sources: &[String],
+    env: &JobEnv,
+    cancel: &AtomicBool,
+) -> anyhow::Result<std::path::PathBuf> {
+    let (state, f) = (&env.state_dir, &env.fetcher);
+    let sharded = m.file("model.safetensors.index.json").is_some() && m.file("model.safetensors").is_none();
+    let Some(keep) = train::stage_filter(&a.recipe, a.world_size as usize, a.rank.0 as usize).filter(|_| sharded)
+    else {
+        return content::materialize(state, m, |_| true, sources, f, "the model", cancel);
+    };
+    let small = |n: &str| !n.ends_with(".safetensors");
+    let dir = content::materialize(state, m, small, sources, f, "the model's index", cancel)?;
+    let map = crate::model::weight_map(&dir)?.context("the model's index lists no weights")?;
+    let needed: std::collections::BTreeSet<String> = map.into_iter().filter(|(t, _)| keep(t)).map(|(_, f)| f).collect();
+    info!(files = needed.len(), "this stage's weight files");
+    content::materialize(state, m, |n| needed.contains(n), sources, f, "this stage's weights", cancel)
 }

@@ -164,14 +164,33 @@ impl Llama {
     /// the shards listed by `model.safetensors.index.json`). Every parameter must be present
     /// with the right shape; extra tensors (rotary caches) are ignored.
     pub fn load(spec: &ModelSpec, dir: &Path, device: &Device) -> anyhow::Result<Llama> {
-        let files = weight_files(dir)?;
+        Llama::load_subset(spec, dir, device, |_| true)
+    }
+
+    /// [`Llama::load`] of the parameters `keep` names only, reading only the weight files that
+    /// hold them (a pipeline stage's worker has fetched just those).
+    pub fn load_subset(
+        spec: &ModelSpec,
+        dir: &Path,
+        device: &Device,
+        keep: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<Llama> {
+        let files = match weight_map(dir)? {
+            Some(map) => {
+                let mut f: Vec<String> = map.into_iter().filter(|(t, _)| keep(t)).map(|(_, f)| f).collect();
+                f.sort();
+                f.dedup();
+                f.into_iter().map(|f| dir.join(f)).collect()
+            }
+            None => weight_files(dir)?,
+        };
         let mut found: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
             let ts = candle_core::safetensors::load(f, device).with_context(|| format!("reading {}", f.display()))?;
-            found.extend(ts);
+            found.extend(ts.into_iter().filter(|(n, _)| keep(n)));
         }
         let mut tensors = Vec::new();
-        for (name, shape) in param_shapes(spec) {
+        for (name, shape) in param_shapes(spec).into_iter().filter(|(n, _)| keep(n)) {
             let t = match found.remove(&name) {
                 Some(t) => t,
                 None if name == "lm_head.weight" => {
@@ -366,6 +385,22 @@ pub fn split_windows(windows: &Tensor) -> candle_core::Result<(Tensor, Tensor)> 
     let inputs = windows.narrow(1, 0, s1 - 1)?.contiguous()?;
     let targets = windows.narrow(1, 1, s1 - 1)?.flatten_all()?;
     Ok((inputs, targets))
+}
+
+/// The tensor-to-file map of a sharded model directory (`model.safetensors.index.json`), or
+/// `None` for a single `model.safetensors`.
+pub fn weight_map(dir: &Path) -> anyhow::Result<Option<Vec<(String, String)>>> {
+    if dir.join("model.safetensors").is_file() {
+        return Ok(None);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
+    Ok(Some(map.iter().filter_map(|(t, f)| Some((t.clone(), f.as_str()?.to_string()))).collect()))
 }
 
 /// The safetensors files of a Hugging Face model directory.

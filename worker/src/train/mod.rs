@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 mod pipeline;
+pub use pipeline::stage_filter;
 mod zero3;
 use swarm_kernels::{AdamW, adamw_step};
 use swarm_sharding::{Assignment, Manifest, Precision, Rank, ShardFile, Step, WorkerId};

@@ -81,12 +81,16 @@ pub(super) fn run(a: &Assignment, mut ctx: TrainContext, layout: StageLayout) ->
     let tied_split = tied && stages > 1;
     let keep = |name: &str| owns(name, &my_layers, first, last, tied_split);
     // A fresh start initialises only this stage's parameters (to the values one process would
-    // give them). Resuming, or starting from Hugging Face weights, loads the whole model and
-    // drops the other stages' parameters.
-    let (mut model, resumed, start, mut cursor) = if a.resume.is_none() && recipe.model.hf_dir.is_none() {
-        (Llama::init_subset(spec, t.seed, &device, keep)?, None, Step(0), 0)
-    } else {
-        load_start(a, spec, &device)?
+    // give them), or loads only them from Hugging Face weights (the worker fetched only the
+    // files holding them). Resuming loads the whole model and drops the other stages' parameters.
+    let (mut model, resumed, start, mut cursor) = match (&a.resume, &recipe.model.hf_dir) {
+        (None, None) => (Llama::init_subset(spec, t.seed, &device, keep)?, None, Step(0), 0),
+        (None, Some(dir)) => {
+            let m = Llama::load_subset(spec, dir, &device, keep)
+                .with_context(|| format!("model.hf_dir: cannot load stage {stage}'s weights on this worker"))?;
+            (m, None, Step(0), 0)
+        }
+        (Some(_), _) => load_start(a, spec, &device)?,
     };
     model.retain(keep);
     // The stage's ranges of the flat vector (two on the last stage of a tied model: the
@@ -505,6 +509,17 @@ impl DeviceStage {
 /// Whether a stage (its layers, whether it is the first or the last, and whether a tied
 /// embedding is split between the first and last stages) holds parameter `name`. The last stage
 /// holds a tied embedding: it is the LM head's weight there.
+/// The parameters rank `rank`'s pipeline stage holds, when `recipe` runs `world` ranks in more
+/// than one stage; `None` without stages (every rank holds them all).
+pub fn stage_filter(recipe: &swarm_sharding::Recipe, world: usize, rank: usize) -> Option<impl Fn(&str) -> bool> {
+    let layout = recipe.stage_layout(world).ok().filter(|l| l.stages > 1)?;
+    let stage = layout.stage_of(rank);
+    let (first, last) = (stage == 0, stage + 1 == layout.stages);
+    let tied_split = recipe.spec().is_some_and(|s| s.tie_word_embeddings);
+    let layers = layout.layers[stage].clone();
+    Some(move |name: &str| owns(name, &layers, first, last, tied_split))
+}
+
 fn owns(name: &str, layers: &Range<usize>, first: bool, last: bool, tied_split: bool) -> bool {
     match layer_of(name) {
         Some(l) => layers.contains(&l),
