@@ -198,6 +198,9 @@ fn timed_tokens_per_s(
     loop {
         let s = status()?;
         let Some(job) = s["jobs"].as_array().and_then(|j| j.iter().find(|j| j["name"] == name)) else {
+            if Instant::now() > deadline {
+                bail!("no job {name} was submitted within 10 minutes");
+            }
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
@@ -224,6 +227,129 @@ pub async fn run(a: BenchLanArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || run_blocking(a)).await?
 }
 
+/// The LAN and where everything of one benchmark lives.
+struct Bench {
+    lan: Lan,
+    me: PathBuf,
+    dirs: Vec<PathBuf>,
+    logs: PathBuf,
+    coord: usize,
+    client: usize,
+    workers: usize,
+    /// host:port of the coordinator.
+    caddr: String,
+}
+
+/// Tokens of one step of the benchmark's recipe (global batch 12 x seq_len 64).
+const STEP_TOKENS: f64 = (12 * 64) as f64;
+
+impl Bench {
+    fn cdir(&self) -> &Path {
+        &self.dirs[self.client]
+    }
+
+    /// `swarm status --json` from the client's namespace, with `bin`.
+    fn status(&self, bin: &Path, admin: Option<&str>) -> anyhow::Result<Value> {
+        let mut args = vec!["status", "--coordinator", &self.caddr, "--json"];
+        if let Some(t) = admin {
+            args.extend(["--token", t]);
+        }
+        let o = self.lan.run(self.client, bin, &args, self.cdir())?;
+        serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+
+    fn wait_for_workers(&self, bin: &Path, admin: Option<&str>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let joined = || self.status(bin, admin).map(|s| s["workers"].as_array().map_or(0, |w| w.len())).unwrap_or(0);
+        while joined() < self.workers {
+            if Instant::now() > deadline {
+                bail!("{} workers did not join; see {}", self.workers, self.logs.display());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// This build's coordinator and workers; the admin token.
+    fn start_this_build(&mut self) -> anyhow::Result<String> {
+        let me = self.me.clone();
+        self.lan.spawn(
+            self.coord,
+            &me,
+            &["up", "--data-dir", "state", "--no-mdns"],
+            &self.dirs[self.coord],
+            "coordinator",
+        )?;
+        let identity = self.dirs[self.coord].join("state/identity");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !identity.join("admin.token").is_file() {
+            if Instant::now() > deadline {
+                bail!("the coordinator did not start; see {}", self.logs.join("coordinator.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let join = std::fs::read_to_string(identity.join("join.token"))?.trim().to_string();
+        let admin = std::fs::read_to_string(identity.join("admin.token"))?.trim().to_string();
+        for w in 0..self.workers {
+            let args = ["worker", "--join", &join, "--name", &format!("w{w}"), "--state-dir", "state"];
+            self.lan.spawn(w + 1, &me, &args, &self.dirs[w + 1], &format!("worker-{w}"))?;
+        }
+        self.wait_for_workers(&me, Some(&admin))?;
+        Ok(admin)
+    }
+
+    /// The baseline's coordinator and workers (plaintext: no tokens).
+    fn start_baseline(&mut self, bin: &Path) -> anyhow::Result<()> {
+        self.lan.spawn(
+            self.coord,
+            bin,
+            &["up", "--data-dir", "old-state"],
+            &self.dirs[self.coord],
+            "old-coordinator",
+        )?;
+        std::thread::sleep(Duration::from_secs(1));
+        for w in 0..self.workers {
+            let args = ["worker", "--coordinator", &self.caddr, "--name", &format!("w{w}")];
+            self.lan.spawn(w + 1, bin, &args, &self.dirs[w + 1], &format!("old-worker-{w}"))?;
+        }
+        self.wait_for_workers(bin, None)
+    }
+
+    /// Runs a 2-step job on `dataset`: the slowest worker's fetch time, and the job's wall time.
+    fn transfer(&self, admin: &str, dataset: &Path) -> anyhow::Result<(f64, f64)> {
+        let r = recipe(self.cdir(), "transfer", dataset, 2, true)?;
+        let rs = r.to_str().context("a recipe path that is not UTF-8")?;
+        let nodes = self.workers.to_string();
+        let t0 = Instant::now();
+        let args = ["train", "--token", admin, "--nodes", &nodes, "--json", "--recipe", rs];
+        let o = self.lan.run(self.client, &self.me, &args, self.cdir())?;
+        if !o.status.success() {
+            bail!("the transfer job failed: {}; logs in {}", String::from_utf8_lossy(&o.stderr), self.logs.display());
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        Ok((slowest_fetch(&self.logs, self.workers)?, wall))
+    }
+
+    /// Tokens/s of `steps` steps of the tiny model on `dataset` with `bin` (this build when
+    /// `admin` is given, else the baseline).
+    fn throughput(&self, bin: &Path, admin: Option<&str>, dataset: &Path, steps: u64) -> anyhow::Result<f64> {
+        let name = if admin.is_some() { "throughput" } else { "old-throughput" };
+        let r = recipe(self.cdir(), name, dataset, steps, admin.is_some())?;
+        let nodes = self.workers.to_string();
+        let mut args = vec!["train", "--coordinator", &self.caddr, "--nodes", &nodes];
+        if let Some(t) = admin {
+            args.extend(["--token", t]);
+        }
+        let mut cmd = self.lan.command(self.client, bin, &args, self.cdir());
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
+        let mut child = cmd.arg("--recipe").arg(&r).stdout(Stdio::null()).stderr(log).spawn()?;
+        let t = timed_tokens_per_s(|| self.status(bin, admin), name, 10, steps, STEP_TOKENS);
+        let _ = child.wait();
+        t
+    }
+}
+
 fn run_blocking(a: BenchLanArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
     let root = std::env::temp_dir().join(format!("swarm-bench-lan-{}", std::process::id()));
@@ -233,147 +359,101 @@ fn run_blocking(a: BenchLanArgs) -> anyhow::Result<()> {
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
-    let (coord, client) = (0, a.workers + 1);
-    let mut lan = Lan::new(a.workers + 2, &a.rate, logs.clone())?;
-    let caddr = format!("{}:7450", lan.ip(coord));
-    let cdir = dirs[client].clone();
+    let lan = Lan::new(a.workers + 2, &a.rate, logs.clone())?;
+    let caddr = format!("{}:7450", lan.ip(0));
+    let mut b = Bench { lan, me, dirs, logs, coord: 0, client: a.workers + 1, workers: a.workers, caddr };
 
     eprintln!("preparing a small dataset, and one of {} MB from it", a.bytes / 1_000_000);
-    let small = cdir.join("small");
+    let small = b.cdir().join("small");
+    prepare_small(&b.me, &small)?;
+    let big = b.cdir().join("big");
+    big_dataset(&small, &big, a.bytes)?;
+    let bytes = std::fs::metadata(big.join(TOKENS_FILE))?.len();
+
+    let admin = b.start_this_build()?;
+    eprintln!("sending {} MB to {} workers over {} links", bytes / 1_000_000, a.workers, a.rate);
+    let (fetch_s, job_s) = b.transfer(&admin, &big)?;
+    let line_s = bytes as f64 * 8.0 / parse_rate(&a.rate)?;
+    eprintln!("training the tiny model ({} steps) on this build", a.steps);
+    let me = b.me.clone();
+    let ours = b.throughput(&me, Some(&admin), &small, a.steps)?;
+    b.lan.stop_all();
+    let theirs = match &a.baseline {
+        None => None,
+        Some(bin) => {
+            eprintln!("training the tiny model on the baseline {}", bin.display());
+            b.start_baseline(bin)?;
+            Some(b.throughput(bin, None, &small, a.steps)?)
+        }
+    };
+    drop(b);
+    let _ = std::fs::remove_dir_all(&root);
+    let m = Measured { bytes, fetch_s, line_s, job_s, ours, theirs };
+    if a.json {
+        println!("{}", m.json(&a));
+    } else {
+        m.table(&a);
+    }
+    Ok(())
+}
+
+fn prepare_small(me: &Path, out: &Path) -> anyhow::Result<()> {
     let stdlib = swarm_worker::data::corpus::find_python_stdlib()?;
-    let o = Command::new(&me)
+    let o = Command::new(me)
         .args(["data", "prepare", "--vocab-size", "512", "--max-bytes", "4000000", "--json", "--out"])
-        .arg(&small)
+        .arg(out)
         .arg("--input")
         .arg(&stdlib)
         .output()?;
     if !o.status.success() {
         bail!("swarm data prepare: {}", String::from_utf8_lossy(&o.stderr));
     }
-    let big = cdir.join("big");
-    big_dataset(&small, &big, a.bytes)?;
-    let bytes = std::fs::metadata(big.join(TOKENS_FILE))?.len();
-
-    // This build: tokens, TLS, authenticated data plane.
-    lan.spawn(coord, &me, &["up", "--data-dir", "state", "--no-mdns"], &dirs[coord], "coordinator")?;
-    let identity = dirs[coord].join("state/identity");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !identity.join("admin.token").is_file() {
-        if Instant::now() > deadline {
-            bail!("the coordinator did not start; see {}", logs.join("coordinator.log").display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let join = std::fs::read_to_string(identity.join("join.token"))?.trim().to_string();
-    let admin = std::fs::read_to_string(identity.join("admin.token"))?.trim().to_string();
-    for w in 0..a.workers {
-        let args = ["worker", "--join", &join, "--name", &format!("w{w}"), "--state-dir", "state"];
-        lan.spawn(w + 1, &me, &args, &dirs[w + 1], &format!("worker-{w}"))?;
-    }
-    let status = |lan: &Lan, bin: &Path, auth: bool| -> anyhow::Result<Value> {
-        let mut args = vec!["status", "--coordinator", &caddr, "--json"];
-        if auth {
-            args.extend(["--token", &admin]);
-        }
-        let o = lan.run(client, bin, &args, &cdir)?;
-        serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).into_owned())
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&lan, &me, true).map(|s| s["workers"].as_array().map_or(0, |w| w.len())).unwrap_or(0) < a.workers {
-        if Instant::now() > deadline {
-            bail!("{} workers did not join; see {}", a.workers, logs.display());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let nodes = a.workers.to_string();
-    eprintln!("sending {} MB to {} workers over {} links", bytes / 1_000_000, a.workers, a.rate);
-    let r = recipe(&cdir, "transfer", &big, 2, true)?;
-    let rs = r.to_str().context("a recipe path that is not UTF-8")?;
-    let t0 = Instant::now();
-    let o = lan.run(client, &me, &["train", "--token", &admin, "--nodes", &nodes, "--json", "--recipe", rs], &cdir)?;
-    if !o.status.success() {
-        bail!("the transfer job failed: {}; logs in {}", String::from_utf8_lossy(&o.stderr), logs.display());
-    }
-    let submit_to_end = t0.elapsed().as_secs_f64();
-    let fetch_s = slowest_fetch(&logs, a.workers)?;
-    let rate_bps = parse_rate(&a.rate)?;
-    let line_s = bytes as f64 * 8.0 / rate_bps;
-
-    eprintln!("training the tiny model ({} steps) on this build", a.steps);
-    let tokens = (12 * 64) as f64;
-    let r = recipe(&cdir, "throughput", &small, a.steps, true)?;
-    let mut train = lan.command(client, &me, &["train", "--token", &admin, "--nodes", &nodes, "--recipe"], &cdir);
-    let mut child = train.arg(&r).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-    let ours = timed_tokens_per_s(|| status(&lan, &me, true), "throughput", 10, a.steps, tokens);
-    let _ = child.wait();
-    let ours = ours?;
-    lan.stop_all();
-
-    let theirs = match &a.baseline {
-        None => None,
-        Some(bin) => {
-            eprintln!("training the tiny model on the baseline {}", bin.display());
-            lan.spawn(coord, bin, &["up", "--data-dir", "old-state"], &dirs[coord], "old-coordinator")?;
-            std::thread::sleep(Duration::from_secs(1));
-            for w in 0..a.workers {
-                let args = ["worker", "--coordinator", &caddr, "--name", &format!("w{w}")];
-                lan.spawn(w + 1, bin, &args, &dirs[w + 1], &format!("old-worker-{w}"))?;
-            }
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while status(&lan, bin, false).map(|s| s["workers"].as_array().map_or(0, |w| w.len())).unwrap_or(0)
-                < a.workers
-            {
-                if Instant::now() > deadline {
-                    bail!("the baseline's workers did not join; see {}", logs.display());
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let r = recipe(&cdir, "old-throughput", &small, a.steps, false)?;
-            let mut train =
-                lan.command(client, bin, &["train", "--coordinator", &caddr, "--nodes", &nodes, "--recipe"], &cdir);
-            let mut child = train.arg(&r).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-            let t = timed_tokens_per_s(|| status(&lan, bin, false), "old-throughput", 10, a.steps, tokens);
-            let _ = child.wait();
-            Some(t?)
-        }
-    };
-    drop(lan);
-    let _ = std::fs::remove_dir_all(&root);
-
-    let mb = bytes as f64 / 1e6;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "workers": a.workers, "rate": a.rate, "bytes": bytes,
-                "fetch_s": fetch_s, "line_rate_s": line_s, "fraction_of_line_rate": line_s / fetch_s,
-                "transfer_job_s": submit_to_end,
-                "tokens_per_s": ours, "baseline_tokens_per_s": theirs,
-            })
-        );
-        return Ok(());
-    }
-    println!("| measurement | this build | reference | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| {mb:.0} MB dataset to {} workers over {} links (slowest worker's fetch) | {fetch_s:.1} s ({:.0} MB/s) | line rate {line_s:.1} s | {:.2} of line rate |",
-        a.workers,
-        a.rate,
-        mb / fetch_s,
-        line_s / fetch_s
-    );
-    println!("| the whole 2-step job of that dataset, submit to end | {submit_to_end:.1} s | | |");
-    match theirs {
-        Some(t) => println!(
-            "| tiny model, {} workers, tokens/s (steps 10..{}) | {ours:.0} (TLS, tokens, data-plane challenge) | {t:.0} (baseline: plaintext) | {:.2} |",
-            a.workers,
-            a.steps,
-            ours / t
-        ),
-        None => println!("| tiny model, {} workers, tokens/s | {ours:.0} | (no --baseline) | |", a.workers),
-    }
     Ok(())
+}
+
+struct Measured {
+    bytes: u64,
+    fetch_s: f64,
+    line_s: f64,
+    job_s: f64,
+    ours: f64,
+    theirs: Option<f64>,
+}
+
+impl Measured {
+    fn json(&self, a: &BenchLanArgs) -> Value {
+        serde_json::json!({
+            "workers": a.workers, "rate": a.rate, "bytes": self.bytes,
+            "fetch_s": self.fetch_s, "line_rate_s": self.line_s, "fraction_of_line_rate": self.line_s / self.fetch_s,
+            "transfer_job_s": self.job_s, "tokens_per_s": self.ours, "baseline_tokens_per_s": self.theirs,
+        })
+    }
+
+    fn table(&self, a: &BenchLanArgs) {
+        let mb = self.bytes as f64 / 1e6;
+        println!("| measurement | this build | reference | ratio |");
+        println!("|---|---|---|---|");
+        println!(
+            "| {mb:.0} MB dataset to {} workers over {} links (slowest worker's fetch) | {:.1} s ({:.0} MB/s) | line rate {:.1} s | {:.2} of line rate |",
+            a.workers,
+            a.rate,
+            self.fetch_s,
+            mb / self.fetch_s,
+            self.line_s,
+            self.line_s / self.fetch_s
+        );
+        println!("| the whole 2-step job of that dataset, submit to end | {:.1} s | | |", self.job_s);
+        match self.theirs {
+            Some(t) => println!(
+                "| tiny model, {} workers, tokens/s (steps 10..{}) | {:.0} (TLS, tokens, data-plane challenge) | {t:.0} (baseline: plaintext) | {:.2} |",
+                a.workers,
+                a.steps,
+                self.ours,
+                self.ours / t
+            ),
+            None => println!("| tiny model, {} workers, tokens/s | {:.0} | (no --baseline) | |", a.workers, self.ours),
+        }
+    }
 }
 
 /// tc's rate notation (`1gbit`, `100mbit`) in bits per second.

@@ -90,6 +90,59 @@ pub struct Target<'a> {
     pub resume_from: Option<&'a std::path::Path>,
 }
 
+/// The job's progress bar (hidden when not on a terminal), waiting for its workers.
+fn progress_bar(tty: bool, recipe: &Recipe, job: u64, nodes: usize) -> ProgressBar {
+    let pb = if tty { ProgressBar::new(recipe.train.steps) } else { ProgressBar::hidden() };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps | {msg} | ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(format!("job-{job}"));
+    pb.set_message(match &recipe.parallel.workers {
+        Some(names) => format!("waiting for workers {} to be idle", names.join(", ")),
+        None => format!("waiting for {nodes} worker(s)"),
+    });
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Serves the recipe's dataset and model (and `--resume-from`'s checkpoint) to the workers: on
+/// loopback for a local cluster, else on every interface, reachable at the address this machine
+/// uses towards the coordinator.
+fn serve_inputs(
+    target: &Target<'_>,
+    recipe: &Recipe,
+    secret: swarm_proto::trust::Secret,
+    local: bool,
+) -> anyhow::Result<super::content::Serving> {
+    let (listen, advertise) = if local {
+        ("127.0.0.1".to_string(), "127.0.0.1".to_string())
+    } else {
+        let towards = target.token.addrs.iter().find_map(|a| swarm_worker::daemon::local_ip_towards(a));
+        ("0.0.0.0".to_string(), towards.unwrap_or_else(|| "127.0.0.1".into()))
+    };
+    super::content::serve(recipe, secret, &listen, &advertise, target.resume_from)
+}
+
+/// Copies the committed checkpoint of `step` into the recipe's `checkpoint.dir`.
+async fn pull_here(
+    client: &mut Client,
+    secret: swarm_proto::trust::Secret,
+    recipe: &Recipe,
+    step: u64,
+) -> anyhow::Result<PathBuf> {
+    let root = &recipe.checkpoint.dir;
+    super::content::pull_step(client, secret, &recipe.name, swarm_sharding::Step(step), root).await.with_context(|| {
+        format!(
+            "could not copy the checkpoint of step {step} to {}; it stays on the workers (`swarm checkpoint pull` fetches it later)",
+            root.display()
+        )
+    })
+}
+
 /// The committed checkpoint to copy to this machine now, if any (`checkpoint.pull`).
 fn due_pull(recipe: &Recipe, s: &pb::JobStatus, pulled: u64) -> Option<u64> {
     use swarm_sharding::recipe::PullPolicy;
@@ -114,34 +167,18 @@ pub async fn submit_and_follow(
 ) -> anyhow::Result<pb::JobStatus> {
     let mut client: Client = super::auth::admin_client(target.token).await?;
     let secret = super::content::fetch_secret(&mut client).await?;
-    // Workers fetch the dataset and model from this machine's disk: served from here while
-    // the job runs (workers that already hold them serve them too).
-    let (listen, advertise) = match &local {
-        Some(_) => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
-        None => (
-            "0.0.0.0".to_string(),
-            target
-                .token
-                .addrs
-                .iter()
-                .find_map(|a| swarm_worker::daemon::local_ip_towards(a))
-                .unwrap_or_else(|| "127.0.0.1".into()),
-        ),
-    };
-    let serving = super::content::serve(recipe, secret, &listen, &advertise, target.resume_from)?;
-    let inputs = Some(swarm_worker::proto_conv::inputs_to_proto(&serving.inputs));
-    let resume_from_json = match &serving.resume_from {
-        Some(m) => serde_json::to_string(m)?,
-        None => String::new(),
-    };
+    let serving = serve_inputs(&target, recipe, secret, local.is_some())?;
     let job = client
         .submit_job(pb::SubmitJobRequest {
             recipe_json: serde_json::to_string(recipe)?,
             nodes: nodes as u32,
             resume,
-            inputs,
+            inputs: Some(swarm_worker::proto_conv::inputs_to_proto(&serving.inputs)),
             overwrite: target.overwrite,
-            resume_from_json,
+            resume_from_json: match &serving.resume_from {
+                Some(m) => serde_json::to_string(m)?,
+                None => String::new(),
+            },
         })
         .await
         .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
@@ -149,20 +186,7 @@ pub async fn submit_and_follow(
         .job_id;
     let mut stream = client.watch_job(pb::JobRequest { job_id: job }).await?.into_inner();
     let tty = show && std::io::stderr().is_terminal();
-    let pb = if tty { ProgressBar::new(recipe.train.steps) } else { ProgressBar::hidden() };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps | {msg} | ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(format!("job-{job}"));
-    pb.set_message(match &recipe.parallel.workers {
-        Some(names) => format!("waiting for workers {} to be idle", names.join(", ")),
-        None => format!("waiting for {nodes} worker(s)"),
-    });
-    pb.enable_steady_tick(Duration::from_millis(200));
+    let pb = progress_bar(tty, recipe, job, nodes);
     let mut last_printed = 0u64;
     let mut started = false;
     let mut last = None;
@@ -215,12 +239,9 @@ pub async fn submit_and_follow(
         on_status(&s);
         if let Some(step) = due_pull(recipe, &s, pulled) {
             pb.set_message(format!("copying the checkpoint of step {step} to {}", recipe.checkpoint.dir.display()));
-            let root = &recipe.checkpoint.dir;
-            match super::content::pull_step(&mut client, secret, &recipe.name, swarm_sharding::Step(step), root).await {
+            match pull_here(&mut client, secret, recipe, step).await {
                 Ok(dir) => pulled_dir = Some(dir),
-                Err(e) => {
-                    pb.suspend(|| eprintln!("job-{job}: could not copy the checkpoint of step {step} here: {e:#}; it stays on the workers (`swarm checkpoint pull` fetches it later)"))
-                }
+                Err(e) => pb.suspend(|| eprintln!("job-{job}: {e:#}")),
             }
             pulled = step;
         }

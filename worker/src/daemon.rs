@@ -212,6 +212,59 @@ async fn serve(
     }
 }
 
+/// Sends a rank's reports to the coordinator in order, on a task of its own. The first report
+/// that did not reach the coordinator, or that it refused, stops training (`stop`: the cancel
+/// flag and the aborter) and becomes the job's error, so a lost report never passes as
+/// success. The task returns the last step reported.
+fn spawn_reporter(
+    mut client: Client,
+    a: Assignment,
+    worker: WorkerId,
+    mut rx: mpsc::Receiver<Report>,
+    stop: (Arc<AtomicBool>, Aborter),
+) -> (tokio::task::JoinHandle<u64>, Arc<std::sync::Mutex<Option<String>>>) {
+    let report_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let first_error = report_error.clone();
+    let task = tokio::spawn(async move {
+        let mut last = 0;
+        while let Some(r) = rx.recv().await {
+            if let Report::Step(s) = &r {
+                last = s.step.0;
+            }
+            if let Some(f) = send_report(&mut client, &a, worker, r).await {
+                warn!("{f}");
+                first_error.lock().expect("report error lock").get_or_insert(f);
+                stop.0.store(true, Ordering::Relaxed);
+                stop.1.abort();
+            }
+        }
+        last
+    });
+    (task, report_error)
+}
+
+/// Sends one report; why it failed or was refused, if it was.
+async fn send_report(client: &mut Client, a: &Assignment, worker: WorkerId, r: Report) -> Option<String> {
+    match r {
+        Report::Step(s) => match client.report_step(proto_conv::step_to_proto(a, worker, &s)).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                resp.cancel.then(|| format!("the coordinator stopped this rank at {}: {}", s.step, resp.reason))
+            }
+            Err(e) => Some(format!("reporting {} to the coordinator failed: {}", s.step, e.message())),
+        },
+        Report::Checkpoint(c) => {
+            let step = c.step;
+            let req = proto_conv::checkpoint_to_proto(a, worker, c);
+            match client.report_checkpoint(req).await {
+                Ok(resp) if resp.get_ref().accepted => None,
+                Ok(_) => Some(format!("the coordinator refused the checkpoint of {step}")),
+                Err(e) => Some(format!("reporting the checkpoint of {step} failed: {}", e.message())),
+            }
+        }
+    }
+}
+
 /// `who`: the worker, its rank and the assignment's attempt.
 async fn report_result(
     client: &mut Client,
@@ -254,74 +307,9 @@ async fn start_job(client: Client, worker: WorkerId, job: JobToRun, env: JobEnv,
     let span = info_span!("job", job = %a.job, rank = %a.rank);
     tokio::spawn(
         async move {
-            let (tx, mut rx) = mpsc::channel::<Report>(REPORT_QUEUE);
-            // Reports go out in order; a refusal cancels training.
-            let mut rc = client.clone();
-            let a2 = a.clone();
-            let (cancel2, aborter2) = (cancel.clone(), aborter.clone());
-            // The first report that did not reach the coordinator, or that it refused: it
-            // becomes the job's error, so a lost report never passes as success.
-            let report_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-            let report_error2 = report_error.clone();
-            let reporter = tokio::spawn(async move {
-                let mut last = 0;
-                while let Some(r) = rx.recv().await {
-                    let failure: Option<String> = match r {
-                        Report::Step(s) => {
-                            last = s.step.0;
-                            match rc.report_step(proto_conv::step_to_proto(&a2, worker, &s)).await {
-                                Ok(resp) => {
-                                    let resp = resp.into_inner();
-                                    resp.cancel.then(|| {
-                                        format!("the coordinator stopped this rank at {}: {}", s.step, resp.reason)
-                                    })
-                                }
-                                Err(e) => {
-                                    Some(format!("reporting {} to the coordinator failed: {}", s.step, e.message()))
-                                }
-                            }
-                        }
-                        Report::Checkpoint { step, dir, files, replicas, rng_state, data_cursor } => {
-                            let shard_files = |files: Vec<swarm_sharding::ShardFile>| -> Vec<pb::ShardFile> {
-                                files
-                                    .into_iter()
-                                    .map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes })
-                                    .collect()
-                            };
-                            let req = pb::CheckpointReport {
-                                job_id: a2.job.0,
-                                worker_id: worker.0,
-                                rank: a2.rank.0,
-                                step: step.0,
-                                dir,
-                                files: shard_files(files),
-                                rng_state,
-                                data_cursor,
-                                attempt: a2.attempt,
-                                replicas: replicas
-                                    .into_iter()
-                                    .map(|(r, f)| pb::Replica { rank: r.0, files: shard_files(f) })
-                                    .collect(),
-                            };
-                            match rc.report_checkpoint(req).await {
-                                Ok(resp) if resp.get_ref().accepted => None,
-                                Ok(_) => Some(format!("the coordinator refused the checkpoint of {step}")),
-                                Err(e) => Some(format!("reporting the checkpoint of {step} failed: {}", e.message())),
-                            }
-                        }
-                    };
-                    let stop = failure.is_some();
-                    if let Some(f) = failure {
-                        warn!("{f}");
-                        report_error2.lock().expect("report error lock").get_or_insert(f);
-                    }
-                    if stop {
-                        cancel2.store(true, Ordering::Relaxed);
-                        aborter2.abort();
-                    }
-                }
-                last
-            });
+            let (tx, rx) = mpsc::channel::<Report>(REPORT_QUEUE);
+            let stop = (cancel.clone(), aborter.clone());
+            let (reporter, report_error) = spawn_reporter(client.clone(), a.clone(), worker, rx, stop);
             // Peers holding this attempt's secret may connect while it trains.
             let admission = env.dp.admit(a.job, a.attempt, secret);
             let ctx = TrainContext {

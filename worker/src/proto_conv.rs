@@ -114,3 +114,24 @@ pub fn step_to_proto(a: &Assignment, worker: WorkerId, s: &StepStats) -> pb::Ste
         attempt: a.attempt,
     }
 }
+
+fn shard_files(files: Vec<swarm_sharding::ShardFile>) -> Vec<pb::ShardFile> {
+    files.into_iter().map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes }).collect()
+}
+
+/// A rank's checkpoint report: its own files and the replicas it copied.
+pub fn checkpoint_to_proto(a: &Assignment, worker: WorkerId, c: crate::train::CheckpointDone) -> pb::CheckpointReport {
+    let crate::train::CheckpointDone { step, dir, files, replicas, rng_state, data_cursor } = c;
+    pb::CheckpointReport {
+        job_id: a.job.0,
+        worker_id: worker.0,
+        rank: a.rank.0,
+        step: step.0,
+        dir,
+        files: shard_files(files),
+        rng_state,
+        data_cursor,
+        attempt: a.attempt,
+        replicas: replicas.into_iter().map(|(r, f)| pb::Replica { rank: r.0, files: shard_files(f) }).collect(),
+    }
+}

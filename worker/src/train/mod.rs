@@ -41,16 +41,20 @@ const GRAD_BUCKET_ELEMS: usize = 32 << 20;
 #[derive(Clone, Debug)]
 pub enum Report {
     Step(StepStats),
-    Checkpoint {
-        step: Step,
-        /// The step directory, relative to the worker's state directory.
-        dir: String,
-        files: Vec<ShardFile>,
-        /// Other ranks' files copied into the same directory.
-        replicas: Vec<(Rank, Vec<ShardFile>)>,
-        rng_state: String,
-        data_cursor: u64,
-    },
+    Checkpoint(CheckpointDone),
+}
+
+/// One rank's part of a checkpoint, written and copied.
+#[derive(Clone, Debug)]
+pub struct CheckpointDone {
+    pub step: Step,
+    /// The step directory, relative to the worker's state directory.
+    pub dir: String,
+    pub files: Vec<ShardFile>,
+    /// Other ranks' files copied into the same directory.
+    pub replicas: Vec<(Rank, Vec<ShardFile>)>,
+    pub rng_state: String,
+    pub data_cursor: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -314,7 +318,7 @@ fn write_checkpoint(
     prune_own_checkpoints(&ctx.state_dir, &recipe.name, recipe.checkpoint.keep);
     let rng_state =
         format!("data-order splitmix64 seed={} cursor={cursor}; no other randomness in training", recipe.train.seed);
-    (ctx.report)(Report::Checkpoint { step, dir: rel, files, replicas, rng_state, data_cursor: cursor })
+    (ctx.report)(Report::Checkpoint(CheckpointDone { step, dir: rel, files, replicas, rng_state, data_cursor: cursor }))
 }
 
 /// How long a rank waits for a neighbour to finish writing its checkpoint files.
