@@ -774,3 +774,58 @@ fn pipeline_stages_fetch_only_their_weight_files() {
     held.sort();
     assert_eq!(held, [vec![a.to_string()], vec![b.to_string()]], "each stage fetched only its own weight file");
 }
+
+/// A job on one worker of a cluster of two: its checkpoints are copied to the other worker, so
+/// with the writer gone (process and directory) `swarm checkpoint pull` still gets them.
+#[test]
+fn a_one_worker_job_keeps_its_checkpoints_on_a_second_host() {
+    let state = scratch().join("replica-state");
+    let (mut up, addr) = start_coordinator(&state);
+    let admin = token(&state, "admin");
+    let mut a = start_worker(&state, &addr, "ra");
+    let mut b = start_worker(&state, &addr, "rb");
+    let r = recipe("replica-outside", "");
+    let args = ["train", "--coordinator", &addr, "--token", &admin, "--nodes", "1", "--json", "--recipe"];
+    let o = Command::new(BIN).args(args).arg(&r).stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let manifest = state.join(format!("checkpoints/replica-outside/step-{STEPS:06}/manifest.json"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let holders = loop {
+        let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        let h: Vec<String> =
+            m["ranks"][0]["holders"].as_array().unwrap().iter().map(|h| h["worker"].as_str().unwrap().into()).collect();
+        if h.len() == 2 || Instant::now() > deadline {
+            break h;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(holders.len(), 2, "holders {holders:?}");
+    // The writer's host goes away; the copy answers.
+    let (writer, dir) = if holders[0] == "ra" { (&mut a, "worker-ra") } else { (&mut b, "worker-rb") };
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    std::fs::remove_dir_all(state.join(dir)).unwrap();
+    let out = scratch().join("replica-pulled");
+    let o = swarm(&[
+        "checkpoint",
+        "pull",
+        "--coordinator",
+        &addr,
+        "--token",
+        &admin,
+        "--name",
+        "replica-outside",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let pulled = read_params(&out.join(format!("step-{STEPS:06}/model.safetensors")));
+    let original = read_params(&r.parent().unwrap().join(format!("ck/step-{STEPS:06}/model.safetensors")));
+    assert!(pulled == original, "the pulled copy differs from the checkpoint the job wrote");
+    for mut p in [a, b] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    up.kill().unwrap();
+    up.wait().unwrap();
+}

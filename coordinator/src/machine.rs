@@ -116,6 +116,15 @@ pub enum Event {
         step: Step,
         error: String,
     },
+    /// A worker outside the job copied one rank's files of a committed checkpoint (or failed to).
+    ReplicaStored {
+        job: JobId,
+        step: Step,
+        rank: Rank,
+        worker: WorkerId,
+        ok: bool,
+        error: String,
+    },
     JobResult {
         job: JobId,
         worker: WorkerId,
@@ -166,6 +175,23 @@ pub enum Command {
     CommitCheckpoint {
         dir: String,
         manifest: Box<Manifest>,
+    },
+    /// Have `worker` copy `rank`'s files of a committed checkpoint from `sources` into `dir`.
+    Replicate {
+        worker: WorkerId,
+        job: JobId,
+        step: Step,
+        rank: Rank,
+        dir: String,
+        files: Vec<ShardFile>,
+        sources: Vec<String>,
+    },
+    /// Add `holder` to `rank`'s holders in the manifest of recipe `name`'s checkpoint at `step`.
+    AddHolder {
+        name: String,
+        step: Step,
+        rank: Rank,
+        holder: Holder,
     },
     /// Delete these committed checkpoint directories (older than the ones kept).
     PruneCheckpoints {
@@ -338,6 +364,24 @@ impl Coordinator {
                 self.maybe_finish(job, &mut cmds);
                 Reply::Done
             }
+            Event::ReplicaStored { job, step, rank, worker, ok, error } => {
+                let j = self.jobs.get(&job).ok_or(Rejection::UnknownJob(job))?;
+                let w = self.workers.get(&worker).ok_or(Rejection::UnknownWorker(worker))?;
+                let dir = j.committed.iter().chain(&j.resume).find(|p| p.step == step).map(|p| p.dir.clone());
+                if !ok || dir.is_none() || rank.0 as usize >= j.workers.len() {
+                    return Err(Rejection::Invalid(format!(
+                        "{worker}'s copy of {rank}'s checkpoint of {step} of {job}: {}",
+                        if ok { "no such committed checkpoint" } else { error.as_str() }
+                    )));
+                }
+                let holder = Holder {
+                    worker: w.name.clone(),
+                    data_addr: w.data_addr.clone(),
+                    dir: worker_step_dir(&j.recipe.name, step),
+                };
+                cmds.push(Command::AddHolder { name: j.recipe.name.clone(), step, rank, holder });
+                Reply::Done
+            }
             Event::CheckpointCommitFailed { job, step, error } => {
                 let reason = format!("committing the checkpoint of {step} failed: {error}");
                 self.fail_job(job, reason, &mut cmds);
@@ -477,6 +521,16 @@ impl Coordinator {
                     }
                 }
             };
+            let connected = self.workers.values().filter(|w| w.connected).count();
+            if let Some(k) = job.recipe.checkpoint.replicas
+                && k > connected
+            {
+                let reason = format!(
+                    "checkpoint.replicas = {k} asks for each checkpoint file on {k} hosts, but the cluster has {connected} connected worker(s); start more workers or lower checkpoint.replicas"
+                );
+                self.fail_job(id, reason, cmds);
+                continue;
+            }
             let shares = match job.recipe.batch_shares(job.nodes) {
                 Ok(s) => s,
                 Err(e) => {
@@ -688,8 +742,36 @@ impl Coordinator {
             ranks,
             committed_unix_ms: now_ms,
         };
+        let extra = self.replicas_outside_job(r.job, &manifest, &agg.dir);
         cmds.push(Command::CommitCheckpoint { dir: agg.dir, manifest: Box::new(manifest) });
+        cmds.extend(extra);
         Ok(Reply::Ack { cancel: None })
+    }
+
+    /// Copies a job smaller than `checkpoint.replicas` cannot make itself: each rank's files go
+    /// to connected workers that do not hold them yet (idle ones first), up to the recipe's
+    /// number of hosts or the cluster's size.
+    fn replicas_outside_job(&self, job: JobId, m: &Manifest, dir: &str) -> Vec<Command> {
+        let connected: Vec<&WorkerEntry> = self.workers.values().filter(|w| w.connected).collect();
+        let want = m.recipe.checkpoint.replicas_wanted().min(connected.len());
+        let mut cmds = Vec::new();
+        for rc in &m.ranks {
+            let mut candidates: Vec<&&WorkerEntry> =
+                connected.iter().filter(|w| !rc.holders.iter().any(|h| h.worker == w.name)).collect();
+            candidates.sort_by_key(|w| (w.job.is_some(), w.id));
+            for w in candidates.into_iter().take(want.saturating_sub(rc.holders.len())) {
+                cmds.push(Command::Replicate {
+                    worker: w.id,
+                    job,
+                    step: m.step,
+                    rank: rc.rank,
+                    dir: dir.to_string(),
+                    files: rc.files.clone(),
+                    sources: rc.holders.iter().map(|h| h.data_addr.clone()).collect(),
+                });
+            }
+        }
+        cmds
     }
 
     /// A job succeeds once every rank reported success and its last step's checkpoint is committed.
@@ -804,4 +886,9 @@ fn with_replicas(
         }
     }
     Ok(ranks.into_values().collect())
+}
+
+/// A checkpoint's step directory on a worker, relative to its state directory.
+fn worker_step_dir(name: &str, step: Step) -> String {
+    format!("checkpoints/{name}/{}", swarm_sharding::job::step_dir_name(step))
 }

@@ -143,6 +143,18 @@ impl Service {
                         Err(e) => Event::CheckpointCommitFailed { job, step, error: format!("{e:#}") },
                     })
                 }
+                Command::Replicate { worker, job, step, rank, dir, files, sources } => {
+                    info!(%job, %step, %rank, %worker, "copying a checkpoint to a worker outside the job");
+                    self.send(worker, to_proto::replicate_to_proto(job, step, rank, dir, files, sources)).err()
+                }
+                Command::AddHolder { name, step, rank, holder } => {
+                    let dir = self.shared.checkpoints.join(&name).join(step_dir_name(step));
+                    match add_holder(&dir, rank, holder) {
+                        Ok(who) => info!(%step, %rank, holder = %who, "checkpoint replica recorded"),
+                        Err(e) => warn!(%step, %rank, "could not record a checkpoint replica: {e:#}"),
+                    }
+                    None
+                }
                 Command::PruneCheckpoints { job, dirs } => {
                     for d in dirs {
                         if let Err(e) = checkpoint::prune(Path::new(&d)) {
@@ -427,6 +439,27 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(pb::WorkerJobResultResponse {}))
     }
 
+    async fn report_replica(
+        &self,
+        req: Request<pb::ReplicaReport>,
+    ) -> Result<Response<pb::ReplicaReportResponse>, Status> {
+        self.require_worker(&req, WorkerId(req.get_ref().worker_id), "ReportReplica")?;
+        let r = req.into_inner();
+        let event = Event::ReplicaStored {
+            job: JobId(r.job_id),
+            step: Step(r.step),
+            rank: Rank(r.rank),
+            worker: WorkerId(r.worker_id),
+            ok: r.ok,
+            error: to_proto::text("error", r.error)?,
+        };
+        if let Err(e) = self.apply(event) {
+            warn!("a checkpoint replica was not recorded: {}", e.message());
+            return Err(e);
+        }
+        Ok(Response::new(pb::ReplicaReportResponse {}))
+    }
+
     #[instrument(skip_all, fields(nodes = req.get_ref().nodes))]
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         self.require_admin(&req, "SubmitJob")?;
@@ -574,4 +607,18 @@ fn with_live_holders(m: &Coordinator, mut manifest: Manifest) -> Manifest {
         r.holders.sort_by_key(|h| !live(h));
     }
     manifest
+}
+
+/// Adds `holder` to `rank`'s holders in the manifest in `dir` (rewritten atomically); the
+/// holder's name.
+fn add_holder(dir: &Path, rank: Rank, holder: swarm_sharding::Holder) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let mut m = read_manifest(dir)?;
+    let rc = m.ranks.iter_mut().find(|r| r.rank == rank).with_context(|| format!("{rank} is not in the manifest"))?;
+    let who = holder.worker.clone();
+    if !rc.holders.iter().any(|h| h.worker == holder.worker) {
+        rc.holders.push(holder);
+    }
+    checkpoint::commit(dir, &m)?;
+    Ok(who)
 }

@@ -146,6 +146,27 @@ pub fn assignment_to_proto(a: &Assignment, job_secret: &swarm_proto::trust::Secr
     }
 }
 
+pub fn replicate_to_proto(
+    job: JobId,
+    step: Step,
+    rank: Rank,
+    dir: String,
+    files: Vec<ShardFile>,
+    sources: Vec<String>,
+) -> pb::Assignment {
+    let files = files.into_iter().map(|f| pb::ShardFile { path: f.path, sha256: f.sha256, bytes: f.bytes }).collect();
+    pb::Assignment {
+        kind: Some(pb::assignment::Kind::Replicate(pb::ReplicateAssignment {
+            job_id: job.0,
+            step: step.0,
+            rank: rank.0,
+            dir,
+            files,
+            sources,
+        })),
+    }
+}
+
 pub fn cancel_to_proto(job: JobId, reason: &str) -> pb::Assignment {
     pb::Assignment {
         kind: Some(pb::assignment::Kind::Cancel(pb::CancelAssignment { job_id: job.0, reason: reason.into() })),

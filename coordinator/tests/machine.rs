@@ -609,3 +609,49 @@ fn checkpoints_commit_with_their_replicas_and_a_bad_copy_fails_the_job() {
         }
     }
 }
+
+/// A job on fewer workers than `checkpoint.replicas`: the commit sends each rank's files to
+/// workers outside the job (idle ones first), and their copies become holders. Asking for more
+/// hosts than the cluster has fails the job when it would start.
+#[test]
+fn small_jobs_replicate_outside_themselves_and_too_many_replicas_are_refused() {
+    let mut c = Coordinator::new(Config::default());
+    let ws = register(&mut c, 0, 3);
+    let mut r = recipe(4, 4);
+    r.checkpoint.replicas = None;
+    let out = c
+        .step(1, Event::Submit { recipe: Box::new(r.clone()), nodes: 1, resume: None, inputs: Box::new(inputs()) })
+        .unwrap();
+    let Reply::Submitted(job) = out.reply else { panic!() };
+    let out = c.step(2, ckpt(job, ws[0], 0, 2)).unwrap();
+    let copies: Vec<(WorkerId, Vec<String>)> = out
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Replicate { worker, sources, .. } => Some((*worker, sources.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copies, [(ws[1], vec!["127.0.0.1:9000".to_string()])], "one more host, from the writer");
+    let Some(Command::CommitCheckpoint { dir, .. }) =
+        out.commands.iter().find(|c| matches!(c, Command::CommitCheckpoint { .. }))
+    else {
+        panic!("{:?}", out.commands)
+    };
+    c.step(3, Event::CheckpointCommitted { job, step: Step(2), dir: dir.clone() }).unwrap();
+    let stored =
+        |ok| Event::ReplicaStored { job, step: Step(2), rank: Rank(0), worker: ws[1], ok, error: "disk full".into() };
+    let out = c.step(4, stored(true)).unwrap();
+    let Some(Command::AddHolder { rank, holder, .. }) = out.commands.first() else { panic!("{:?}", out.commands) };
+    assert_eq!((*rank, holder.worker.as_str(), holder.dir.as_str()), (Rank(0), "host1", "checkpoints/t/step-000002"));
+    assert!(c.step(5, stored(false)).err().unwrap().to_string().contains("disk full"));
+
+    r.checkpoint.replicas = Some(4);
+    r.name = "t2".into();
+    let out =
+        c.step(6, Event::Submit { recipe: Box::new(r), nodes: 1, resume: None, inputs: Box::new(inputs()) }).unwrap();
+    let Reply::Submitted(job2) = out.reply else { panic!() };
+    let j = c.job(job2).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.error.as_deref().unwrap().contains("checkpoint.replicas = 4"), "{:?}", j.error);
+}

@@ -201,9 +201,9 @@ pub struct CheckpointSection {
     /// Committed checkpoints to keep; older ones are deleted after a newer one commits. 0 keeps all.
     #[serde(default = "default_keep")]
     pub keep: usize,
-    /// Hosts that hold each rank's checkpoint files (the writer and replicas on the job's next
-    /// ranks), so that losing a machine loses no committed checkpoint. Default: 2 when the job
-    /// has 2 or more workers, else 1.
+    /// Hosts that hold each rank's checkpoint files, so that losing a machine loses no
+    /// committed checkpoint: the writer, the job's next ranks, then other workers of the
+    /// cluster (for a job on fewer workers). Default: 2, or 1 on a cluster of one worker.
     #[serde(default)]
     pub replicas: Option<usize>,
     /// Which committed checkpoints `swarm train` copies into `dir` on the submitter's machine
@@ -228,9 +228,15 @@ fn default_keep() -> usize {
 }
 
 impl CheckpointSection {
-    /// The hosts each rank's files should be on, for a job of `world` workers.
+    /// The copies of each rank's files the job's own ranks make, for a job of `world` workers
+    /// (the writer's included).
     pub fn replicas_for(&self, world: usize) -> usize {
-        self.replicas.unwrap_or(if world >= 2 { 2 } else { 1 })
+        self.replicas_wanted().min(world.max(1))
+    }
+
+    /// The hosts each rank's files should be on (before capping by the cluster's size).
+    pub fn replicas_wanted(&self) -> usize {
+        self.replicas.unwrap_or(2)
     }
 }
 
@@ -332,13 +338,6 @@ impl Recipe {
     /// (every stage of a pipeline takes the same rows). The replicas split the batch as
     /// `parallel.rows_per_worker` says (one entry per replica), else evenly.
     pub fn batch_shares(&self, nodes: usize) -> Result<Vec<crate::plan::BatchShare>, String> {
-        if let Some(k) = self.checkpoint.replicas
-            && k > nodes
-        {
-            return Err(format!(
-                "checkpoint.replicas = {k}: a job on {nodes} worker(s) keeps each rank's checkpoint files on at most {nodes} of them (replicas go to the job's other ranks); use --nodes {k} or lower checkpoint.replicas"
-            ));
-        }
         if let Some(w) = &self.parallel.workers
             && w.len() != nodes
         {

@@ -3,7 +3,7 @@
 //! carries its reports. If the coordinator goes away it registers again when it is back.
 
 use crate::comm::dataplane::DataPlane;
-use crate::comm::fetch::{Fetcher, FileServer, state_dir_resolver};
+use crate::comm::fetch::{Fetcher, FileServer, Source, Want, state_dir_resolver};
 use crate::comm::ring::Aborter;
 use crate::content;
 use crate::proto_conv;
@@ -191,6 +191,9 @@ async fn serve(
                             report_result(&mut client.clone(), job, rank, Err(format!("{e:#}")), 0).await
                         }
                     }
+                }
+                Some(pb::assignment::Kind::Replicate(r)) => {
+                    tokio::spawn(replicate(client.clone(), worker, r, env.clone()));
                 }
                 Some(pb::assignment::Kind::Cancel(c)) => {
                     if let Some(r) = running.lock().await.as_ref()
@@ -442,4 +445,36 @@ fn fetch_model(
     let needed: std::collections::BTreeSet<String> = map.into_iter().filter(|(t, _)| keep(t)).map(|(_, f)| f).collect();
     info!(files = needed.len(), "this stage's weight files");
     content::materialize(state, m, |n| needed.contains(n), sources, f, "this stage's weights", cancel)
+}
+
+/// Copies a committed checkpoint's files (of a job this worker may not be in) from their
+/// holders into the same step directory here, and tells the coordinator.
+async fn replicate(mut client: Client, worker: WorkerId, r: pb::ReplicateAssignment, env: JobEnv) {
+    let (job, step, rank) = (r.job_id, r.step, r.rank);
+    let fetched = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let files = proto_conv::replicate_from_proto(&r)?;
+        let dir = env.state_dir.join(&r.dir);
+        for f in &files {
+            let from: Vec<Source> =
+                r.sources.iter().map(|a| Source::new(a.clone(), format!("{}/{}", r.dir, f.path))).collect();
+            let want = Want { sha256: &f.sha256, bytes: f.bytes };
+            env.fetcher.fetch(&from, &want, &dir.join(&f.path), &AtomicBool::new(false))?;
+        }
+        Ok(())
+    })
+    .await;
+    let error = match fetched {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => format!("the copy panicked: {e}"),
+    };
+    if error.is_empty() {
+        info!(job, step, rank, "copied a checkpoint replica");
+    } else {
+        warn!(job, step, rank, "could not copy a checkpoint replica: {error}");
+    }
+    let report = pb::ReplicaReport { worker_id: worker.0, job_id: job, step, rank, ok: error.is_empty(), error };
+    if let Err(e) = client.report_replica(report).await {
+        warn!(job, step, "could not report a checkpoint replica: {}", e.message());
+    }
 }

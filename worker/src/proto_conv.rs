@@ -135,3 +135,23 @@ pub fn checkpoint_to_proto(a: &Assignment, worker: WorkerId, c: crate::train::Ch
         replicas: replicas.into_iter().map(|(r, f)| pb::Replica { rank: r.0, files: shard_files(f) }).collect(),
     }
 }
+
+/// A replicate assignment's files, checked before they name anything on disk.
+pub fn replicate_from_proto(r: &pb::ReplicateAssignment) -> anyhow::Result<Vec<swarm_sharding::ShardFile>> {
+    use swarm_sharding::content::{valid_file_name, valid_sha256};
+    let parts: Vec<&str> = r.dir.split('/').collect();
+    let dir_ok = matches!(parts.as_slice(), ["checkpoints", name, step]
+        if valid_file_name(name) && swarm_sharding::job::parse_step_dir_name(step).is_some());
+    if !dir_ok || r.files.len() > swarm_proto::limits::MAX_SHARD_FILES || r.sources.len() > 8 {
+        bail!("a replicate assignment with dir {:?}, {} files, {} sources", r.dir, r.files.len(), r.sources.len());
+    }
+    r.files
+        .iter()
+        .map(|f| {
+            if !valid_file_name(&f.path) || !valid_sha256(&f.sha256) {
+                bail!("a replicate assignment names {:?} ({:?})", f.path, f.sha256);
+            }
+            Ok(swarm_sharding::ShardFile { path: f.path.clone(), sha256: f.sha256.clone(), bytes: f.bytes })
+        })
+        .collect()
+}
