@@ -227,6 +227,13 @@ async fn strangers_are_refused_and_the_running_job_is_untouched() {
         let _ = s.read(&mut buf); // closed, or a TLS alert: never an answer that matters
     }
     drop(junk);
+    // Fetching what a worker holds (the job's dataset, its checkpoints) without the cluster's
+    // fetch secret gets nothing: the worker's side of the challenge fails first.
+    let stranger = swarm_worker::comm::fetch::Fetcher::new(Secret::random());
+    for a in &data_addrs {
+        let e = stranger.get_small(a, "checkpoints/long/step-000001/rank-00000.json", 1 << 16).unwrap_err();
+        assert!(format!("{e:#}").contains("does not hold this cluster's fetch secret"), "{e:#}");
+    }
 
     // The job trained on through all of it, with its two real workers.
     let before = step_of(&admin, &addr);
