@@ -203,6 +203,8 @@ pub async fn submit_and_follow(
                 if let Some(l) = local.as_deref_mut() { l.check_alive()?; }
                 if !started {
                     let s = client.status(pb::ListJobsRequest {}).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?.into_inner();
+                    // Started already (its first event is on the way): its workers are busy with it.
+                    if s.jobs.iter().any(|j| j.job_id == job && j.state != "waiting") { continue; }
                     let m = waiting_message(&s, nodes, recipe.parallel.workers.as_deref());
                     if std::time::Instant::now() >= give_up_at {
                         pb.abandon();
