@@ -281,19 +281,7 @@ impl Coordinator {
     pub fn step(&mut self, now_ms: u64, event: Event) -> Result<Outcome, Rejection> {
         let mut cmds = Vec::new();
         let reply = match event {
-            Event::Register { name, devices, data_addr } => {
-                self.next_worker += 1;
-                let id = WorkerId(self.next_worker);
-                self.workers.insert(
-                    id,
-                    WorkerEntry { id, name, devices, data_addr, last_seen_ms: now_ms, connected: false, job: None },
-                );
-                Reply::Registered {
-                    worker: id,
-                    lease_ms: self.config.lease_ms,
-                    heartbeat_interval_ms: self.config.heartbeat_interval_ms,
-                }
-            }
+            Event::Register { name, devices, data_addr } => self.register(now_ms, name, devices, data_addr),
             Event::Heartbeat(w) => match self.workers.get_mut(&w) {
                 Some(e) => {
                     e.last_seen_ms = now_ms;
@@ -319,26 +307,7 @@ impl Coordinator {
                 Reply::Done
             }
             Event::Tick => {
-                let expired: Vec<WorkerId> = self
-                    .workers
-                    .values()
-                    .filter(|e| now_ms.saturating_sub(e.last_seen_ms) > self.config.lease_ms)
-                    .map(|e| e.id)
-                    .collect();
-                for w in expired {
-                    let why = format!("no heartbeat for over {} ms", self.config.lease_ms);
-                    self.lose_worker(w, &why, &mut cmds);
-                }
-                let due: Vec<(JobId, String)> = self
-                    .jobs
-                    .values_mut()
-                    .filter(|j| j.progress.pending_failure.as_ref().is_some_and(|(at, _)| *at <= now_ms))
-                    .filter_map(|j| j.progress.pending_failure.take().map(|(_, r)| (j.id, r)))
-                    .collect();
-                for (job, reason) in due {
-                    self.fail_job(job, reason, &mut cmds);
-                }
-                self.start_waiting_jobs(&mut cmds);
+                self.tick(now_ms, &mut cmds);
                 Reply::Done
             }
             Event::Submit { recipe, nodes, resume, inputs } => {
@@ -350,36 +319,9 @@ impl Coordinator {
             }
             Event::StepDone(r) => self.step_done(now_ms, r, &mut cmds)?,
             Event::CheckpointWritten(r) => self.checkpoint_written(now_ms, *r, &mut cmds)?,
-            Event::CheckpointCommitted { job, step, dir } => {
-                let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
-                j.progress.commit_in_flight.remove(&step);
-                j.committed.push(ResumePoint { dir, step });
-                let keep = j.recipe.checkpoint.keep;
-                if keep > 0 && j.committed.len() > keep {
-                    let old: Vec<String> = j.committed.drain(..j.committed.len() - keep).map(|p| p.dir).collect();
-                    cmds.push(Command::PruneCheckpoints { job, dirs: old });
-                }
-                cmds.push(Command::SaveJob(job));
-                cmds.push(Command::JobChanged(job));
-                self.maybe_finish(job, &mut cmds);
-                Reply::Done
-            }
+            Event::CheckpointCommitted { job, step, dir } => self.checkpoint_committed(job, step, dir, &mut cmds)?,
             Event::ReplicaStored { job, step, rank, worker, ok, error } => {
-                let j = self.jobs.get(&job).ok_or(Rejection::UnknownJob(job))?;
-                let w = self.workers.get(&worker).ok_or(Rejection::UnknownWorker(worker))?;
-                let dir = j.committed.iter().chain(&j.resume).find(|p| p.step == step).map(|p| p.dir.clone());
-                if !ok || dir.is_none() || rank.0 as usize >= j.workers.len() {
-                    return Err(Rejection::Invalid(format!(
-                        "{worker}'s copy of {rank}'s checkpoint of {step} of {job}: {}",
-                        if ok { "no such committed checkpoint" } else { error.as_str() }
-                    )));
-                }
-                let holder = Holder {
-                    worker: w.name.clone(),
-                    data_addr: w.data_addr.clone(),
-                    dir: worker_step_dir(&j.recipe.name, step),
-                };
-                cmds.push(Command::AddHolder { name: j.recipe.name.clone(), step, rank, holder });
+                cmds.push(self.replica_stored(job, step, rank, worker, ok, &error)?);
                 Reply::Done
             }
             Event::CheckpointCommitFailed { job, step, error } => {
@@ -388,36 +330,8 @@ impl Coordinator {
                 Reply::Done
             }
             Event::JobResult { job, worker, rank, attempt, ok, error, last_step } => {
-                let j = self.report_target(job, worker, rank, attempt)?;
-                if last_step > j.total_steps() {
-                    return Err(Rejection::StepOutOfRange {
-                        job,
-                        step: last_step,
-                        after: Step(0),
-                        last: j.total_steps(),
-                    });
-                }
-                j.progress.results.insert(rank, RankResult { ok, error: error.clone(), last_step });
-                if let Some(e) = self.workers.get_mut(&worker)
-                    && e.job == Some(job)
-                {
-                    e.job = None;
-                }
-                if !ok {
-                    let name = self.workers.get(&worker).map(|e| e.name.clone()).unwrap_or_default();
-                    let reason = format!("{worker} ({name}, {rank}) failed: {error}");
-                    let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
-                    if j.workers.len() > 1 && j.state == JobState::Running {
-                        // The first failure of a group is held briefly (see `pending_failure`).
-                        j.progress.pending_failure.get_or_insert((now_ms + FAILURE_GRACE_MS, reason));
-                    } else {
-                        self.fail_job(job, reason, &mut cmds);
-                    }
-                } else {
-                    self.maybe_finish(job, &mut cmds);
-                }
-                self.start_waiting_jobs(&mut cmds);
-                Reply::Done
+                let result = RankResult { ok, error, last_step };
+                self.job_result(now_ms, job, (worker, rank, attempt), result, &mut cmds)?
             }
             Event::Cancel { job, reason } => {
                 let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
@@ -428,6 +342,130 @@ impl Coordinator {
             }
         };
         Ok(Outcome { reply, commands: cmds })
+    }
+
+    fn register(&mut self, now_ms: u64, name: String, devices: Vec<DeviceInfo>, data_addr: String) -> Reply {
+        self.next_worker += 1;
+        let id = WorkerId(self.next_worker);
+        self.workers.insert(
+            id,
+            WorkerEntry { id, name, devices, data_addr, last_seen_ms: now_ms, connected: false, job: None },
+        );
+        Reply::Registered {
+            worker: id,
+            lease_ms: self.config.lease_ms,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+        }
+    }
+
+    /// Expires leases, fails jobs whose held-back failure is due, starts waiting jobs.
+    fn tick(&mut self, now_ms: u64, cmds: &mut Vec<Command>) {
+        let expired: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|e| now_ms.saturating_sub(e.last_seen_ms) > self.config.lease_ms)
+            .map(|e| e.id)
+            .collect();
+        for w in expired {
+            let why = format!("no heartbeat for over {} ms", self.config.lease_ms);
+            self.lose_worker(w, &why, cmds);
+        }
+        let due: Vec<(JobId, String)> = self
+            .jobs
+            .values_mut()
+            .filter(|j| j.progress.pending_failure.as_ref().is_some_and(|(at, _)| *at <= now_ms))
+            .filter_map(|j| j.progress.pending_failure.take().map(|(_, r)| (j.id, r)))
+            .collect();
+        for (job, reason) in due {
+            self.fail_job(job, reason, cmds);
+        }
+        self.start_waiting_jobs(cmds);
+    }
+
+    fn checkpoint_committed(
+        &mut self,
+        job: JobId,
+        step: Step,
+        dir: String,
+        cmds: &mut Vec<Command>,
+    ) -> Result<Reply, Rejection> {
+        let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+        j.progress.commit_in_flight.remove(&step);
+        j.committed.push(ResumePoint { dir, step });
+        let keep = j.recipe.checkpoint.keep;
+        if keep > 0 && j.committed.len() > keep {
+            let old: Vec<String> = j.committed.drain(..j.committed.len() - keep).map(|p| p.dir).collect();
+            cmds.push(Command::PruneCheckpoints { job, dirs: old });
+        }
+        cmds.push(Command::SaveJob(job));
+        cmds.push(Command::JobChanged(job));
+        self.maybe_finish(job, cmds);
+        Ok(Reply::Done)
+    }
+
+    /// A worker's copy of a committed checkpoint becomes one of its rank's holders.
+    fn replica_stored(
+        &self,
+        job: JobId,
+        step: Step,
+        rank: Rank,
+        worker: WorkerId,
+        ok: bool,
+        error: &str,
+    ) -> Result<Command, Rejection> {
+        let j = self.jobs.get(&job).ok_or(Rejection::UnknownJob(job))?;
+        let w = self.workers.get(&worker).ok_or(Rejection::UnknownWorker(worker))?;
+        let dir = j.committed.iter().chain(&j.resume).find(|p| p.step == step).map(|p| p.dir.clone());
+        if !ok || dir.is_none() || rank.0 as usize >= j.workers.len() {
+            return Err(Rejection::Invalid(format!(
+                "{worker}'s copy of {rank}'s checkpoint of {step} of {job}: {}",
+                if ok { "no such committed checkpoint" } else { error }
+            )));
+        }
+        let holder = Holder {
+            worker: w.name.clone(),
+            data_addr: w.data_addr.clone(),
+            dir: worker_step_dir(&j.recipe.name, step),
+        };
+        Ok(Command::AddHolder { name: j.recipe.name.clone(), step, rank, holder })
+    }
+
+    /// `who`: the worker, its rank and the attempt it reports for.
+    fn job_result(
+        &mut self,
+        now_ms: u64,
+        job: JobId,
+        who: (WorkerId, Rank, u64),
+        result: RankResult,
+        cmds: &mut Vec<Command>,
+    ) -> Result<Reply, Rejection> {
+        let (worker, rank, attempt) = who;
+        let RankResult { ok, error, last_step } = result;
+        let j = self.report_target(job, worker, rank, attempt)?;
+        if last_step > j.total_steps() {
+            return Err(Rejection::StepOutOfRange { job, step: last_step, after: Step(0), last: j.total_steps() });
+        }
+        j.progress.results.insert(rank, RankResult { ok, error: error.clone(), last_step });
+        if let Some(e) = self.workers.get_mut(&worker)
+            && e.job == Some(job)
+        {
+            e.job = None;
+        }
+        if !ok {
+            let name = self.workers.get(&worker).map(|e| e.name.clone()).unwrap_or_default();
+            let reason = format!("{worker} ({name}, {rank}) failed: {error}");
+            let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+            if j.workers.len() > 1 && j.state == JobState::Running {
+                // The first failure of a group is held briefly (see `pending_failure`).
+                j.progress.pending_failure.get_or_insert((now_ms + FAILURE_GRACE_MS, reason));
+            } else {
+                self.fail_job(job, reason, cmds);
+            }
+        } else {
+            self.maybe_finish(job, cmds);
+        }
+        self.start_waiting_jobs(cmds);
+        Ok(Reply::Done)
     }
 
     fn submit(
