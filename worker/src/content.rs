@@ -151,7 +151,11 @@ pub fn materialize(
             let from: Vec<Source> = sources.iter().map(|a| Source::new(a.clone(), path.clone())).collect();
             fetcher
                 .fetch(&from, &Want { sha256: &f.sha256, bytes: f.bytes }, &dir.join(&f.name), cancel)
-                .with_context(|| format!("fetching {what}"))?;
+                .with_context(|| {
+                    format!(
+                        "fetching {what} (from the submitting machine, whose `swarm train` serves it on port 7452, and the job's other workers: check that they are reachable from this one)"
+                    )
+                })?;
         }
         Ok(())
     })?;
